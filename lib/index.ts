@@ -1,0 +1,116 @@
+import type {
+  FastifyInstance,
+  FastifyPluginAsync,
+  FastifyReply,
+  FastifyRequest,
+  RouteOptions
+} from 'fastify'
+import fp from 'fastify-plugin'
+import type { LimiterStats } from './limiter.js'
+import { resolveOptions, resolveRouteConfig, type ConcurrencyLimitOptions, type HookName, type RouteConcurrencyLimitConfig } from './options.js'
+import { DEFAULT_POOL, Pools } from './pools.js'
+import { Rejecter } from './rejection.js'
+import { Ticket, ticketOf } from './ticket.js'
+
+export {
+  ClosingError,
+  InvalidOptionError,
+  QueueFullError,
+  QueueTimeoutError,
+  UnknownPoolError
+} from './errors.js'
+export type { RejectReason } from './limiter.js'
+export type {
+  ConcurrencyLimitOptions,
+  HookName,
+  PoolOptions,
+  Rejection,
+  RejectionWithRetry,
+  RouteConcurrencyLimitConfig
+} from './options.js'
+
+/** Counters and settings of one pool. */
+export type PoolStats = LimiterStats
+
+export interface ConcurrencyLimitDecorator {
+  /** Stats of the named pool (default: the plugin's own pool). */
+  stats (pool?: string): PoolStats
+  /** Stats of every pool: the plugin's, each group and each route with its own settings. */
+  pools (): PoolStats[]
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    concurrencyLimit: ConcurrencyLimitDecorator
+  }
+  interface FastifyContextConfig {
+    /** `false`: never limited. `true` or `{}`: the plugin's pool. Limits: a pool of its own. */
+    concurrencyLimit?: boolean | RouteConcurrencyLimitConfig
+  }
+}
+
+type Done = (err?: Error | null, payload?: unknown) => void
+type Handler = (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply) => unknown
+
+const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts) => {
+  const options = resolveOptions(opts)
+  const pools = new Pools(options)
+  const rejecter = new Rejecter(options)
+
+  const decorator: ConcurrencyLimitDecorator = {
+    stats: (pool = DEFAULT_POOL) => pools.stats(pool),
+    pools: () => pools.all()
+  }
+  fastify.decorate('concurrencyLimit', decorator)
+
+  // Waiters must be answered before the server waits for in-flight requests
+  // to end, or close() would wait on requests that wait on it.
+  fastify.addHook('preClose', (done) => {
+    pools.close()
+    done()
+  })
+
+  fastify.addHook('onRoute', (route: RouteOptions) => {
+    const routeName = `${[route.method].flat().join(',')} ${route.url}`
+    const config = route.config?.concurrencyLimit
+    const resolved = resolveRouteConfig(routeName, config, options.global)
+    if (resolved === null) return
+    const limiter = pools.forRoute(routeName, config as object, resolved)
+    const stage: HookName = resolved.hook ?? options.hook
+
+    // Route-level hooks run after the instance's own hooks of the same stage;
+    // ours goes first among them so that a refused request costs no more.
+    const admit = stage === 'preParsing'
+      ? (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: Done) => {
+          new Ticket(limiter, rejecter, request, reply, done, payload).start()
+        }
+      : (request: FastifyRequest, reply: FastifyReply, done: Done) => {
+          new Ticket(limiter, rejecter, request, reply, done, undefined).start()
+        }
+    const existing = route[stage] as unknown
+    const hooks = existing === undefined ? [] : Array.isArray(existing) ? existing : [existing]
+    ;(route as unknown as Record<HookName, unknown[]>)[stage] = [admit, ...hooks]
+    route.handler = limitHandler(route.handler as Handler) as RouteOptions['handler']
+  })
+}
+
+function limitHandler (handler: Handler): Handler {
+  return function limited (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply): unknown {
+    const ticket = ticketOf(reply) as Ticket
+    // The client left while the request was admitted but before the handler
+    // began (during an async hook or the body read): skip work no one awaits.
+    if (ticket.responseClosed) return undefined
+    const result = handler.call(this, request, reply)
+    if (result !== null && typeof result === 'object' && typeof (result as PromiseLike<unknown>).then === 'function') {
+      ticket.handlerStarted(result as PromiseLike<unknown>)
+    }
+    return result
+  }
+}
+
+export const fastifyConcurrencyLimit = fp(plugin, {
+  fastify: '5.x',
+  name: 'fastify-concurrency-limit'
+})
+
+export default fastifyConcurrencyLimit

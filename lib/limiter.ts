@@ -1,0 +1,269 @@
+import { performance } from 'node:perf_hooks'
+
+export type RejectReason = 'queueFull' | 'queueTimeout' | 'closing'
+
+/**
+ * One request waiting for a slot. The limiter links waiters into its queue
+ * through `prev`/`next` so that a waiter whose client left is unlinked in O(1)
+ * at once, instead of lingering until it reaches the head.
+ */
+export interface Waiter {
+  prev: Waiter | null
+  next: Waiter | null
+  enqueuedAt: number
+  deadline: number
+  /** The slot is now this waiter's. Returns false if the waiter is already gone. */
+  admit (): boolean
+  /** The waiter leaves the queue without a slot. */
+  reject (reason: RejectReason): void
+}
+
+export interface LimiterSettings {
+  maxConcurrency: number
+  maxQueue: number
+  queueTimeout: number
+}
+
+export interface LimiterStats extends LimiterSettings {
+  name: string
+  inFlight: number
+  queued: number
+  peakInFlight: number
+  peakQueued: number
+  admitted: number
+  completed: number
+  rejected: { queueFull: number, queueTimeout: number, closing: number }
+  abandoned: number
+  queueWait: { count: number, meanMs: number, maxMs: number }
+}
+
+// A drain-rate sample older than this describes another load: start again.
+const RATE_WINDOW_MAX_MS = 10_000
+const RATE_WINDOW_MIN_MS = 250
+const RETRY_AFTER_MAX_S = 60
+
+/**
+ * Admission control for one pool: at most `maxConcurrency` permits out at
+ * once, then a FIFO queue of at most `maxQueue` waiters, each of which waits
+ * at most `queueTimeout` ms. Framework-free: the Fastify adapter owns what a
+ * permit means for a request.
+ *
+ * Invariant: a waiter is queued only while every slot is taken, and a freed
+ * slot goes to the queue's head before any new arrival, so `queued > 0`
+ * implies `inFlight === maxConcurrency`.
+ */
+export class Limiter {
+  readonly name: string
+  readonly maxConcurrency: number
+  readonly maxQueue: number
+  readonly queueTimeout: number
+
+  inFlight = 0
+  queued = 0
+  closing = false
+
+  #head: Waiter | null = null
+  #tail: Waiter | null = null
+  #timer: NodeJS.Timeout | null = null
+
+  #peakInFlight = 0
+  #peakQueued = 0
+  #admitted = 0
+  #completed = 0
+  #rejectedQueueFull = 0
+  #rejectedQueueTimeout = 0
+  #rejectedClosing = 0
+  #abandoned = 0
+  #waitCount = 0
+  #waitTotal = 0
+  #waitMax = 0
+
+  #rateSampleAt = -Infinity
+  #rateSampleCompleted = 0
+  #drainRate = 0
+
+  constructor (name: string, settings: LimiterSettings) {
+    this.name = name
+    this.maxConcurrency = settings.maxConcurrency
+    this.maxQueue = settings.maxQueue
+    this.queueTimeout = settings.queueTimeout
+  }
+
+  /** Takes a slot if one is free. The caller must `release()` it exactly once. */
+  tryAcquire (): boolean {
+    if (this.inFlight >= this.maxConcurrency) return false
+    const inFlight = ++this.inFlight
+    this.#admitted++
+    if (inFlight > this.#peakInFlight) this.#peakInFlight = inFlight
+    return true
+  }
+
+  /**
+   * Queues a waiter that `tryAcquire()` turned away. Returns null when queued,
+   * else the reason it was refused (it is counted as rejected).
+   */
+  enqueue (waiter: Waiter): RejectReason | null {
+    if (this.closing) {
+      this.#rejectedClosing++
+      return 'closing'
+    }
+    if (this.queued >= this.maxQueue) {
+      this.#rejectedQueueFull++
+      return 'queueFull'
+    }
+    const now = performance.now()
+    waiter.enqueuedAt = now
+    waiter.deadline = now + this.queueTimeout
+    waiter.next = null
+    waiter.prev = this.#tail
+    if (this.#tail === null) this.#head = waiter
+    else this.#tail.next = waiter
+    this.#tail = waiter
+    const queued = ++this.queued
+    if (queued > this.#peakQueued) this.#peakQueued = queued
+    // FIFO with one timeout: the head always has the nearest deadline, so
+    // one timer per pool serves every waiter.
+    if (this.#timer === null) this.#arm(waiter.deadline, now)
+    return null
+  }
+
+  /** Takes a waiter whose client left out of the queue. */
+  abandon (waiter: Waiter): void {
+    if (!this.#unlink(waiter)) return
+    this.#abandoned++
+  }
+
+  /**
+   * Gives back a permit. With waiters, the slot passes to the oldest live one
+   * on the next tick: a release runs inside the response's 'close' event, and
+   * the other listeners of that event (the application's clean-up, Fastify's
+   * stream teardown) must run before new work starts in its place.
+   */
+  release (): void {
+    this.#completed++
+    if (this.#head === null) {
+      this.inFlight--
+      return
+    }
+    process.nextTick(this.#handOff)
+  }
+
+  #handOff = (): void => {
+    this.inFlight--
+    let waiter = this.#head
+    while (waiter !== null) {
+      this.#unlink(waiter)
+      this.inFlight++
+      if (waiter.admit()) {
+        this.#admitted++
+        const waited = performance.now() - waiter.enqueuedAt
+        this.#waitCount++
+        this.#waitTotal += waited
+        if (waited > this.#waitMax) this.#waitMax = waited
+        return
+      }
+      this.inFlight--
+      this.#abandoned++
+      waiter = this.#head
+    }
+  }
+
+  /** Refuses every waiter and every future one; permits already out stay valid. */
+  close (): void {
+    this.closing = true
+    this.#disarm()
+    let waiter = this.#head
+    while (waiter !== null) {
+      this.#unlink(waiter)
+      this.#rejectedClosing++
+      waiter.reject('closing')
+      waiter = this.#head
+    }
+  }
+
+  /**
+   * Seconds a client should wait before retrying: the time the pool needs to
+   * drain its queue at the completion rate seen lately, at least 1.
+   */
+  retryAfter (): number {
+    const now = performance.now()
+    const elapsed = now - this.#rateSampleAt
+    if (elapsed > RATE_WINDOW_MAX_MS) {
+      this.#rateSampleAt = now
+      this.#rateSampleCompleted = this.#completed
+      this.#drainRate = 0
+    } else if (elapsed >= RATE_WINDOW_MIN_MS) {
+      this.#drainRate = (this.#completed - this.#rateSampleCompleted) * 1000 / elapsed
+      this.#rateSampleAt = now
+      this.#rateSampleCompleted = this.#completed
+    }
+    // No completions measured: the pool may be stalled; a waiter would be
+    // answered within queueTimeout, so that is the soonest retry worth making.
+    const seconds = this.#drainRate > 0
+      ? (this.queued + 1) / this.#drainRate
+      : this.queueTimeout / 1000
+    return Math.min(RETRY_AFTER_MAX_S, Math.max(1, Math.ceil(seconds)))
+  }
+
+  stats (): LimiterStats {
+    return {
+      name: this.name,
+      maxConcurrency: this.maxConcurrency,
+      maxQueue: this.maxQueue,
+      queueTimeout: this.queueTimeout,
+      inFlight: this.inFlight,
+      queued: this.queued,
+      peakInFlight: this.#peakInFlight,
+      peakQueued: this.#peakQueued,
+      admitted: this.#admitted,
+      completed: this.#completed,
+      rejected: {
+        queueFull: this.#rejectedQueueFull,
+        queueTimeout: this.#rejectedQueueTimeout,
+        closing: this.#rejectedClosing
+      },
+      abandoned: this.#abandoned,
+      queueWait: {
+        count: this.#waitCount,
+        meanMs: this.#waitCount === 0 ? 0 : this.#waitTotal / this.#waitCount,
+        maxMs: this.#waitMax
+      }
+    }
+  }
+
+  #unlink (waiter: Waiter): boolean {
+    const { prev, next } = waiter
+    if (prev === null && this.#head !== waiter) return false
+    if (prev === null) this.#head = next
+    else prev.next = next
+    if (next === null) this.#tail = prev
+    else next.prev = prev
+    waiter.prev = null
+    waiter.next = null
+    this.queued--
+    return true
+  }
+
+  #arm (deadline: number, now: number): void {
+    this.#timer = setTimeout(this.#expire, Math.max(0, Math.ceil(deadline - now)))
+    this.#timer.unref()
+  }
+
+  #disarm (): void {
+    if (this.#timer !== null) clearTimeout(this.#timer)
+    this.#timer = null
+  }
+
+  #expire = (): void => {
+    this.#timer = null
+    const now = performance.now()
+    let waiter = this.#head
+    while (waiter !== null && waiter.deadline <= now) {
+      this.#unlink(waiter)
+      this.#rejectedQueueTimeout++
+      waiter.reject('queueTimeout')
+      waiter = this.#head
+    }
+    if (waiter !== null) this.#arm(waiter.deadline, now)
+  }
+}

@@ -1,0 +1,225 @@
+import { STATUS_CODES } from 'node:http'
+import type { FastifyRequest } from 'fastify'
+import { InvalidOptionError } from './errors.js'
+import type { LimiterSettings, RejectReason } from './limiter.js'
+
+/** The lifecycle stage at which a request asks for a slot. */
+export type HookName = 'onRequest' | 'preParsing' | 'preValidation' | 'preHandler'
+
+/** Settings of one pool of slots. */
+export interface PoolOptions {
+  /** Requests of this pool in flight at once. Integer >= 1. Default 100. */
+  maxConcurrency?: number
+  /** Requests waiting for a slot. Integer >= 0, 0 = no queue. Default: maxConcurrency. */
+  maxQueue?: number
+  /** Milliseconds a request may wait in the queue before it is answered. >= 0. Default 1000. */
+  queueTimeout?: number
+}
+
+/** What a rejected request is told, passed to `retryAfter` and `errorResponseBuilder`. */
+export interface Rejection {
+  reason: RejectReason
+  code: string
+  statusCode: number
+  message: string
+  /** Name of the pool that refused the request. */
+  pool: string
+  inFlight: number
+  queued: number
+  maxConcurrency: number
+  maxQueue: number
+  queueTimeout: number
+}
+
+/** A rejection with the Retry-After value (seconds) that goes out with it. */
+export interface RejectionWithRetry extends Rejection {
+  retryAfter: number
+}
+
+export interface ConcurrencyLimitOptions extends PoolOptions {
+  /** Limit every route unless its config says `concurrencyLimit: false`. Default true. */
+  global?: boolean
+  /** Stage at which requests are admitted. Default 'onRequest' (before the body is read). */
+  hook?: HookName
+  /** Status of a rejection: a 4xx or 5xx code. Default 503. */
+  statusCode?: number
+  /** Retry-After in seconds, or a function of the rejection. Default: from the drain rate. */
+  retryAfter?: number | ((request: FastifyRequest, rejection: Rejection) => number)
+  /** Builds the body of a rejection instead of Fastify's error body. */
+  errorResponseBuilder?: (request: FastifyRequest, rejection: RejectionWithRetry) => unknown
+  /** Named pools that routes join with `config.concurrencyLimit.group`. */
+  groups?: Record<string, PoolOptions>
+}
+
+/** `config.concurrencyLimit` of a route. */
+export interface RouteConcurrencyLimitConfig extends PoolOptions {
+  /** Join the named pool (shared by every route naming it). */
+  group?: string
+  /** Stage at which this route's requests are admitted. */
+  hook?: HookName
+}
+
+export interface ResolvedOptions {
+  global: boolean
+  hook: HookName
+  statusCode: number
+  retryAfter: number | ((request: FastifyRequest, rejection: Rejection) => number) | undefined
+  errorResponseBuilder: ((request: FastifyRequest, rejection: RejectionWithRetry) => unknown) | undefined
+  /** Pool settings as given at plugin level; unset fields are filled per pool. */
+  pool: PoolOptions
+  groups: Map<string, PoolOptions>
+}
+
+export const DEFAULT_MAX_CONCURRENCY = 100
+export const DEFAULT_QUEUE_TIMEOUT = 1000
+// setTimeout clamps anything longer to 1 ms, which would turn a long timeout into none.
+const MAX_TIMEOUT = 2 ** 31 - 1
+
+const HOOKS: readonly HookName[] = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
+const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout'] as const
+const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'global', 'hook', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups'])
+const ROUTE_KEYS = new Set<string>([...POOL_KEYS, 'group', 'hook'])
+const GROUP_KEYS = new Set<string>(POOL_KEYS)
+
+function show (value: unknown): string {
+  if (typeof value === 'function') return 'a function'
+  if (typeof value === 'number' || typeof value === 'bigint') return String(value)
+  try {
+    return JSON.stringify(value) ?? String(value)
+  } catch {
+    return Object.prototype.toString.call(value)
+  }
+}
+
+function fail (where: string, key: string, expected: string, value: unknown): never {
+  throw new InvalidOptionError(`${where}${key} must be ${expected}, received ${show(value)}`)
+}
+
+function isPlainObject (value: unknown): value is Record<string, unknown> {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return false
+  const proto = Object.getPrototypeOf(value)
+  return proto === Object.prototype || proto === null
+}
+
+function checkKeys (where: string, value: Record<string, unknown>, allowed: Set<string>): void {
+  for (const key of Object.keys(value)) {
+    if (!allowed.has(key)) {
+      throw new InvalidOptionError(`${where}${key} is not an option (expected one of ${[...allowed].join(', ')})`)
+    }
+  }
+}
+
+function checkPool (where: string, value: Record<string, unknown>): PoolOptions {
+  const { maxConcurrency, maxQueue, queueTimeout } = value
+  if (maxConcurrency !== undefined && !(Number.isSafeInteger(maxConcurrency) && (maxConcurrency as number) >= 1)) {
+    fail(where, 'maxConcurrency', 'an integer >= 1', maxConcurrency)
+  }
+  if (maxQueue !== undefined && !(Number.isSafeInteger(maxQueue) && (maxQueue as number) >= 0)) {
+    fail(where, 'maxQueue', 'an integer >= 0', maxQueue)
+  }
+  if (queueTimeout !== undefined &&
+    !(typeof queueTimeout === 'number' && queueTimeout >= 0 && queueTimeout <= MAX_TIMEOUT)) {
+    fail(where, 'queueTimeout', `a number of milliseconds from 0 to ${MAX_TIMEOUT}`, queueTimeout)
+  }
+  const pool: PoolOptions = {}
+  if (maxConcurrency !== undefined) pool.maxConcurrency = maxConcurrency as number
+  if (maxQueue !== undefined) pool.maxQueue = maxQueue as number
+  if (queueTimeout !== undefined) pool.queueTimeout = queueTimeout as number
+  return pool
+}
+
+function checkHook (where: string, hook: unknown): HookName | undefined {
+  if (hook === undefined) return undefined
+  if (!HOOKS.includes(hook as HookName)) fail(where, 'hook', `one of ${HOOKS.join(', ')}`, hook)
+  return hook as HookName
+}
+
+/** Validates the plugin's options and fills in defaults. Throws on the first invalid value. */
+export function resolveOptions (options: unknown): ResolvedOptions {
+  const opts = options
+  if (!isPlainObject(opts)) fail('', 'the options', 'an object', opts)
+  checkKeys('', opts, PLUGIN_KEYS)
+
+  const { global, statusCode, retryAfter, errorResponseBuilder, groups } = opts
+  if (global !== undefined && typeof global !== 'boolean') fail('', 'global', 'a boolean', global)
+  if (statusCode !== undefined &&
+    !(Number.isInteger(statusCode) && (statusCode as number) >= 400 && (statusCode as number) <= 599 &&
+      STATUS_CODES[statusCode as number] !== undefined)) {
+    fail('', 'statusCode', 'a known 4xx or 5xx status code (503 or 429 are usual)', statusCode)
+  }
+  if (retryAfter !== undefined && typeof retryAfter !== 'function' &&
+    !(typeof retryAfter === 'number' && Number.isFinite(retryAfter) && retryAfter >= 0)) {
+    fail('', 'retryAfter', 'a number of seconds >= 0 or a function', retryAfter)
+  }
+  if (errorResponseBuilder !== undefined && typeof errorResponseBuilder !== 'function') {
+    fail('', 'errorResponseBuilder', 'a function', errorResponseBuilder)
+  }
+
+  const resolvedGroups = new Map<string, PoolOptions>()
+  if (groups !== undefined) {
+    if (!isPlainObject(groups)) fail('', 'groups', 'an object of pool settings by name', groups)
+    for (const [name, group] of Object.entries(groups)) {
+      const where = `groups.${name}.`
+      if (!isPlainObject(group)) fail('', `groups.${name}`, 'an object', group)
+      checkKeys(where, group, GROUP_KEYS)
+      resolvedGroups.set(name, checkPool(where, group))
+    }
+  }
+
+  return {
+    global: global ?? true,
+    hook: checkHook('', opts.hook) ?? 'onRequest',
+    statusCode: (statusCode as number | undefined) ?? 503,
+    retryAfter: retryAfter as ResolvedOptions['retryAfter'],
+    errorResponseBuilder: errorResponseBuilder as ResolvedOptions['errorResponseBuilder'],
+    pool: checkPool('', opts),
+    groups: resolvedGroups
+  }
+}
+
+/** A route's `config.concurrencyLimit`, checked. `null` = the route is not limited. */
+export interface ResolvedRouteConfig {
+  /** Pool settings given on the route: a pool of its own unless `group` is set. */
+  pool: PoolOptions | null
+  group: string | undefined
+  hook: HookName | undefined
+}
+
+export function resolveRouteConfig (route: string, config: unknown, global: boolean): ResolvedRouteConfig | null {
+  const where = `route ${route}: config.concurrencyLimit.`
+  if (config === undefined) return global ? { pool: null, group: undefined, hook: undefined } : null
+  if (config === false) return null
+  if (config === true) return { pool: null, group: undefined, hook: undefined }
+  if (!isPlainObject(config)) {
+    throw new InvalidOptionError(`route ${route}: config.concurrencyLimit must be an object, true or false, received ${show(config)}`)
+  }
+  checkKeys(where, config, ROUTE_KEYS)
+  const { group } = config
+  if (group !== undefined && !(typeof group === 'string' && group.length > 0)) {
+    fail(where, 'group', 'a non-empty string', group)
+  }
+  const pool = checkPool(where, config)
+  return {
+    pool: Object.keys(pool).length > 0 ? pool : null,
+    group: group as string | undefined,
+    hook: checkHook(where, config.hook)
+  }
+}
+
+/**
+ * Fills a pool's unset settings: the pool's own value, else the plugin's,
+ * else the default. maxQueue defaults to the pool's maxConcurrency: by
+ * Little's law a full queue then adds about one service time of waiting.
+ */
+export function poolSettings (own: PoolOptions, plugin: PoolOptions): LimiterSettings {
+  const maxConcurrency = own.maxConcurrency ?? plugin.maxConcurrency ?? DEFAULT_MAX_CONCURRENCY
+  return {
+    maxConcurrency,
+    maxQueue: own.maxQueue ?? plugin.maxQueue ?? maxConcurrency,
+    queueTimeout: own.queueTimeout ?? plugin.queueTimeout ?? DEFAULT_QUEUE_TIMEOUT
+  }
+}
+
+export function samePool (a: LimiterSettings, b: LimiterSettings): boolean {
+  return a.maxConcurrency === b.maxConcurrency && a.maxQueue === b.maxQueue && a.queueTimeout === b.queueTimeout
+}

@@ -1,0 +1,70 @@
+import { InvalidOptionError, UnknownPoolError } from './errors.js'
+import { Limiter, type LimiterStats } from './limiter.js'
+import { poolSettings, samePool, type PoolOptions, type ResolvedOptions, type ResolvedRouteConfig } from './options.js'
+
+export const DEFAULT_POOL = 'default'
+
+/**
+ * Every pool of one plugin instance, by name: the default pool, the named
+ * groups, and the pools of routes that carry their own settings.
+ */
+export class Pools {
+  readonly #options: ResolvedOptions
+  readonly #byName = new Map<string, Limiter>()
+  // A route's own pool is keyed by its config object, which Fastify shares
+  // between a GET route and the HEAD route it adds for it.
+  readonly #byConfig = new WeakMap<object, Limiter>()
+
+  constructor (options: ResolvedOptions) {
+    this.#options = options
+    this.#add(DEFAULT_POOL, {})
+    for (const [name, group] of options.groups) {
+      if (name === DEFAULT_POOL) {
+        throw new InvalidOptionError(`groups.${DEFAULT_POOL} is the plugin's own pool: set its options at the top level`)
+      }
+      this.#add(name, group)
+    }
+  }
+
+  /** The pool a route's requests take their slots from. */
+  forRoute (route: string, config: object, resolved: ResolvedRouteConfig): Limiter {
+    const { group, pool } = resolved
+    if (group !== undefined) {
+      const existing = this.#byName.get(group)
+      if (existing === undefined) return this.#add(group, pool ?? {})
+      if (pool !== null && !samePool(existing, poolSettings(pool, this.#options.pool))) {
+        throw new InvalidOptionError(`route ${route}: config.concurrencyLimit sets other limits for group "${group}" than it already has; set them in one place`)
+      }
+      return existing
+    }
+    if (pool === null) return this.#byName.get(DEFAULT_POOL) as Limiter
+    let limiter = this.#byConfig.get(config)
+    if (limiter === undefined) {
+      let name = route
+      for (let n = 2; this.#byName.has(name); n++) name = `${route} (${n})`
+      limiter = this.#add(name, pool)
+      this.#byConfig.set(config, limiter)
+    }
+    return limiter
+  }
+
+  stats (name: string): LimiterStats {
+    const limiter = this.#byName.get(name)
+    if (limiter === undefined) throw new UnknownPoolError(name)
+    return limiter.stats()
+  }
+
+  all (): LimiterStats[] {
+    return Array.from(this.#byName.values(), (limiter) => limiter.stats())
+  }
+
+  close (): void {
+    for (const limiter of this.#byName.values()) limiter.close()
+  }
+
+  #add (name: string, own: PoolOptions): Limiter {
+    const limiter = new Limiter(name, poolSettings(own, this.#options.pool))
+    this.#byName.set(name, limiter)
+    return limiter
+  }
+}

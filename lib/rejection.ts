@@ -1,0 +1,89 @@
+import { STATUS_CODES } from 'node:http'
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import { ClosingError, InvalidOptionError, QueueFullError, QueueTimeoutError } from './errors.js'
+import type { Limiter, RejectReason } from './limiter.js'
+import type { Rejection, ResolvedOptions } from './options.js'
+
+const ERRORS = {
+  queueFull: QueueFullError,
+  queueTimeout: QueueTimeoutError,
+  closing: ClosingError
+} as const
+
+const JSON_TYPE = 'application/json; charset=utf-8'
+
+/**
+ * Answers the requests a pool turns away. Bodies are serialized once per
+ * pool and reason, so a rejection costs no serialization and no allocation
+ * beyond Fastify's own reply.
+ */
+export class Rejecter {
+  readonly #options: ResolvedOptions
+  readonly #bodies: Record<RejectReason, string>
+
+  constructor (options: ResolvedOptions) {
+    this.#options = options
+    const statusCode = options.statusCode
+    const error = STATUS_CODES[statusCode] as string
+    const body = (reason: RejectReason): string => {
+      const { code, message } = new ERRORS[reason]()
+      return JSON.stringify({ statusCode, code, error, message })
+    }
+    this.#bodies = { queueFull: body('queueFull'), queueTimeout: body('queueTimeout'), closing: body('closing') }
+  }
+
+  reject (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, reason: RejectReason): void {
+    const { statusCode, retryAfter, errorResponseBuilder } = this.#options
+    let rejection: Rejection | undefined
+    let seconds: number
+    if (typeof retryAfter === 'number') {
+      seconds = retryAfter
+    } else if (retryAfter === undefined) {
+      seconds = limiter.retryAfter()
+    } else {
+      rejection = describe(limiter, reason, statusCode)
+      try {
+        seconds = retryAfter(request, rejection)
+      } catch (err) {
+        reply.send(err)
+        return
+      }
+      if (!(typeof seconds === 'number' && Number.isFinite(seconds) && seconds >= 0)) {
+        reply.send(new InvalidOptionError(`retryAfter() must return a number of seconds >= 0, returned ${String(seconds)}`))
+        return
+      }
+    }
+    reply.code(statusCode).header('retry-after', Math.ceil(seconds))
+    // A closing server should not see this connection again.
+    if (reason === 'closing') reply.header('connection', 'close')
+
+    if (errorResponseBuilder === undefined) {
+      reply.type(JSON_TYPE).send(this.#bodies[reason])
+      return
+    }
+    let payload: unknown
+    try {
+      payload = errorResponseBuilder(request, { ...(rejection ?? describe(limiter, reason, statusCode)), retryAfter: Math.ceil(seconds) })
+    } catch (err) {
+      reply.send(err)
+      return
+    }
+    reply.send(payload)
+  }
+}
+
+function describe (limiter: Limiter, reason: RejectReason, statusCode: number): Rejection {
+  const { code, message } = new ERRORS[reason]()
+  return {
+    reason,
+    code,
+    statusCode,
+    message,
+    pool: limiter.name,
+    inFlight: limiter.inFlight,
+    queued: limiter.queued,
+    maxConcurrency: limiter.maxConcurrency,
+    maxQueue: limiter.maxQueue,
+    queueTimeout: limiter.queueTimeout
+  }
+}

@@ -1,0 +1,31 @@
+// A closed loop with autocannon: each connection sends its next request as
+// soon as the previous one is answered (a rejected request is retried at once).
+import autocannon from 'autocannon'
+
+export interface ClosedLoopResult {
+  connections: number
+  durationS: number
+  total: number
+  okPerS: number
+  rejectedPerS: number
+  errors: number
+  timeouts: number
+  latency: { p50: number, p99: number, max: number }
+}
+
+export async function closedLoop (url: string, connections: number, durationS: number, timeoutS = 10): Promise<ClosedLoopResult> {
+  const result = await autocannon({ url, connections, duration: durationS, timeout: timeoutS, pipelining: 1 })
+  const ok = result['2xx']
+  const rejected = result.non2xx
+  return {
+    connections,
+    durationS,
+    total: ok + rejected,
+    okPerS: ok / durationS,
+    rejectedPerS: rejected / durationS,
+    errors: result.errors,
+    timeouts: result.timeouts,
+    // autocannon's latency covers every answer, 2xx or not.
+    latency: { p50: result.latency.p50, p99: result.latency.p99, max: result.latency.max }
+  }
+}

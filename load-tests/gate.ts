@@ -1,0 +1,56 @@
+// The invariants the CI profile enforces. Each compares figures measured in
+// the same run (never an absolute rate, which a shared machine cannot promise).
+
+export interface Check {
+  name: string
+  pass: boolean
+  detail: string
+}
+
+export interface GateInput {
+  maxConcurrency: number
+  serviceTime: number
+  queueTimeout: number
+  /** Slack for a noisy machine, in ms, added to the latency bound. */
+  latencyMarginMs: number
+  /** Peak in-flight seen inside the handler, over the whole run. */
+  peakInFlight: number
+  /** Open loop at 10x capacity. */
+  overload: { goodputPerS: number, p99OkMs: number, errors: number }
+  /** Closed loop at a load the server carries. */
+  moderate: { errors: number, timeouts: number, non2xx: number }
+  /** Minimum goodput at 10x, as a fraction of capacity. */
+  minGoodputRatio: number
+}
+
+export function capacity (maxConcurrency: number, serviceTimeMs: number): number {
+  return maxConcurrency / (serviceTimeMs / 1000)
+}
+
+export function checkGate (input: GateInput): Check[] {
+  const cap = capacity(input.maxConcurrency, input.serviceTime)
+  const ratio = input.overload.goodputPerS / cap
+  const latencyBound = input.queueTimeout + input.serviceTime + input.latencyMarginMs
+  return [
+    {
+      name: 'peak in-flight <= maxConcurrency',
+      pass: input.peakInFlight <= input.maxConcurrency,
+      detail: `peak ${input.peakInFlight}, limit ${input.maxConcurrency}`
+    },
+    {
+      name: `goodput at 10x >= ${Math.round(input.minGoodputRatio * 100)}% of capacity`,
+      pass: ratio >= input.minGoodputRatio,
+      detail: `${input.overload.goodputPerS.toFixed(0)}/s of ${cap.toFixed(0)}/s = ${(ratio * 100).toFixed(1)}%`
+    },
+    {
+      name: 'p99 of admitted requests <= queueTimeout + service time + margin',
+      pass: input.overload.p99OkMs <= latencyBound,
+      detail: `p99 ${input.overload.p99OkMs.toFixed(1)} ms, bound ${latencyBound} ms`
+    },
+    {
+      name: 'no socket errors at moderate load',
+      pass: input.moderate.errors === 0 && input.moderate.timeouts === 0 && input.moderate.non2xx === 0,
+      detail: `errors ${input.moderate.errors}, timeouts ${input.moderate.timeouts}, non-2xx ${input.moderate.non2xx}`
+    }
+  ]
+}

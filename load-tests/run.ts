@@ -1,0 +1,240 @@
+// The load-test lab. Usage: node load-tests/.out/run.js <scenario> [--flags]
+//   bench       overhead of the plugin on hello-world (req/s, server CPU per request)
+//   explosion   closed-loop connection sweep, bare vs plugin
+//   goodput     open-loop goodput at multiples of capacity, and a step profile
+//   all         explosion + goodput, then the HTML report
+//   ci          short profile that fails when an invariant breaks
+import { mkdirSync, writeFileSync } from 'node:fs'
+import { availableParallelism } from 'node:os'
+import { parseArgs } from 'node:util'
+import { fileURLToPath } from 'node:url'
+import { closedLoop } from './closedloop.js'
+import { capacity, checkGate } from './gate.js'
+import { openLoop } from './openloop.js'
+import { printTable, stepSummary, writeHtmlReport, type Chart, type ScenarioResult, type Table } from './report.js'
+import { median } from './stats.js'
+import { Target } from './target.js'
+import type { ServerSettings } from './server.js'
+
+const { values, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    'service-time': { type: 'string', default: '20' },
+    'memory-kib': { type: 'string', default: '64' },
+    'max-concurrency': { type: 'string', default: '100' },
+    'max-queue': { type: 'string', default: '100' },
+    'queue-timeout': { type: 'string', default: '1000' },
+    connections: { type: 'string', default: '10,100,1000,5000' },
+    rates: { type: 'string', default: '0.5,1,2,5,10,25,50' },
+    duration: { type: 'string', default: '5' },
+    repeats: { type: 'string', default: '3' },
+    'client-timeout': { type: 'string', default: '1000' },
+    results: { type: 'string', default: fileURLToPath(new URL('../results', import.meta.url)) }
+  }
+})
+
+function num (name: keyof typeof values): number {
+  const value = Number(values[name])
+  if (!Number.isFinite(value) || value < 0) throw new Error(`--${name} must be a number >= 0, got ${String(values[name])}`)
+  return value
+}
+const list = (name: 'connections' | 'rates') => String(values[name]).split(',').map(Number)
+
+const base: ServerSettings = {
+  variant: 'plugin',
+  serviceTime: num('service-time'),
+  memoryKiB: num('memory-kib'),
+  maxConcurrency: num('max-concurrency'),
+  maxQueue: num('max-queue'),
+  queueTimeout: num('queue-timeout')
+}
+const duration = num('duration')
+const machine = { cores: availableParallelism(), node: process.version, platform: process.platform, date: new Date().toISOString() }
+const resultsDir = String(values.results)
+
+function progress (message: string): void {
+  process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${message}\n`)
+}
+
+function save (result: ScenarioResult): void {
+  mkdirSync(resultsDir, { recursive: true })
+  writeFileSync(`${resultsDir}/${result.scenario}.json`, JSON.stringify(result, null, 2) + '\n')
+  for (const table of result.tables) printTable(table)
+  stepSummary(result.tables)
+}
+
+async function withTarget<T> (settings: ServerSettings, fn: (target: Target) => Promise<T>): Promise<T> {
+  const target = await Target.start(settings)
+  try {
+    return await fn(target)
+  } finally {
+    await target.stop()
+  }
+}
+
+const round = (x: number, digits = 1) => Math.round(x * 10 ** digits) / 10 ** digits
+
+async function bench (): Promise<ScenarioResult> {
+  const repeats = num('repeats')
+  const connections = 50
+  const runs: Record<'bare' | 'plugin', Array<{ rps: number, cpuPerReq: number }>> = { bare: [], plugin: [] }
+  for (let r = 0; r < repeats; r++) {
+    // Interleaved, alternating which goes first, so drift hits both alike.
+    const order: Array<'bare' | 'plugin'> = r % 2 === 0 ? ['bare', 'plugin'] : ['plugin', 'bare']
+    for (const variant of order) {
+      await withTarget({ ...base, variant, maxConcurrency: 10_000, maxQueue: 0 }, async (target) => {
+        await closedLoop(`${target.origin}/hello`, connections, 1)
+        await target.reset()
+        const res = await closedLoop(`${target.origin}/hello`, connections, duration)
+        const stats = await target.stats()
+        const run = { rps: res.okPerS, cpuPerReq: stats.cpuMicros / Math.max(1, res.total) }
+        runs[variant].push(run)
+        progress(`bench ${r + 1}/${repeats} ${variant}: ${run.rps.toFixed(0)} req/s, ${run.cpuPerReq.toFixed(1)} µs CPU/req`)
+      })
+    }
+  }
+  const rpsRatios = runs.plugin.map((p, i) => p.rps / runs.bare[i].rps)
+  const cpuRatios = runs.plugin.map((p, i) => p.cpuPerReq / runs.bare[i].cpuPerReq)
+  const table: Table = {
+    title: `Overhead on hello-world (${connections} connections, ${duration} s x ${repeats}, medians)`,
+    columns: ['variant', 'req/s', 'server CPU µs/req', 'req/s ratio', 'CPU/req ratio'],
+    rows: [
+      ['bare Fastify', round(median(runs.bare.map((r) => r.rps)), 0), round(median(runs.bare.map((r) => r.cpuPerReq))), '1.00', '1.00'],
+      ['with plugin', round(median(runs.plugin.map((r) => r.rps)), 0), round(median(runs.plugin.map((r) => r.cpuPerReq))), median(rpsRatios).toFixed(3), median(cpuRatios).toFixed(3)]
+    ]
+  }
+  return { scenario: 'bench', title: 'Overhead benchmark', options: { connections, duration, repeats }, machine, tables: [table], charts: [], data: { runs, rpsRatios, cpuRatios } }
+}
+
+async function explosion (): Promise<ScenarioResult> {
+  const steps = list('connections')
+  const rows: Array<Record<string, number | string>> = []
+  for (const connections of steps) {
+    for (const variant of ['bare', 'plugin'] as const) {
+      const row = await withTarget({ ...base, variant }, async (target) => {
+        await target.reset()
+        const res = await closedLoop(`${target.origin}/work`, connections, duration)
+        const s = await target.stats()
+        return { variant, connections, okPerS: round(res.okPerS, 0), rejectedPerS: round(res.rejectedPerS, 0), errors: res.errors, timeouts: res.timeouts, p50: res.latency.p50, p99: res.latency.p99, max: res.latency.max, rssPeakMB: round(s.rssPeakMB), eldP99: round(s.eventLoopDelayP99Ms), peakInFlight: s.peakInFlight }
+      })
+      progress(`explosion ${connections} connections ${variant}: ${row.okPerS} 2xx/s, ${row.rejectedPerS} 503/s, p99 ${row.p99} ms, RSS ${row.rssPeakMB} MB`)
+      rows.push(row)
+    }
+  }
+  const table: Table = {
+    title: `Connection explosion, closed loop (route waits ${base.serviceTime} ms and holds ${base.memoryKiB} KiB; plugin maxConcurrency ${base.maxConcurrency}, maxQueue ${base.maxQueue})`,
+    columns: ['connections', 'variant', '2xx/s', '503/s', 'errors', 'timeouts', 'p50 ms', 'p99 ms', 'max ms', 'RSS peak MB', 'ELD p99 ms', 'peak in-flight'],
+    rows: rows.map((r) => [r.connections, r.variant, r.okPerS, r.rejectedPerS, r.errors, r.timeouts, r.p50, r.p99, r.max, r.rssPeakMB, r.eldP99, r.peakInFlight])
+  }
+  const series = (key: string) => (['bare', 'plugin'] as const).map((v) => ({ name: v, points: rows.filter((r) => r.variant === v).map((r) => [r.connections as number, r[key] as number] as [number, number]) }))
+  const charts: Chart[] = [
+    { title: 'p99 latency vs connections', x: 'connections', y: 'ms', logX: true, series: series('p99') },
+    { title: 'Server RSS peak vs connections', x: 'connections', y: 'MB', logX: true, series: series('rssPeakMB') },
+    { title: '2xx per second vs connections', x: 'connections', y: 'req/s', logX: true, series: series('okPerS') }
+  ]
+  return { scenario: 'explosion', title: 'Connection explosion (closed loop, autocannon)', options: { ...base, duration, steps }, machine, tables: [table], charts, data: rows }
+}
+
+async function goodput (): Promise<ScenarioResult> {
+  const cap = capacity(base.maxConcurrency, base.serviceTime)
+  const timeoutMs = num('client-timeout')
+  const rows: Array<Record<string, number | string>> = []
+  for (const multiple of list('rates')) {
+    for (const variant of ['bare', 'plugin'] as const) {
+      const row = await withTarget({ ...base, variant }, async (target) => {
+        await target.reset()
+        const res = await openLoop({ url: `${target.origin}/work`, rate: cap * multiple, durationS: duration, timeoutMs, connections: 4096 })
+        const s = await target.stats()
+        return { variant, multiple, offeredPerS: round(res.offeredPerS, 0), goodputPerS: round(res.goodputPerS, 0), goodputPct: round(100 * res.goodputPerS / cap), rejected: res.rejected, timeouts: res.timeouts, errors: res.errors, p50: round(res.latencyOk.p50), p99: round(res.latencyOk.p99), max: round(res.latencyOk.max), rssPeakMB: round(s.rssPeakMB), eldP99: round(s.eventLoopDelayP99Ms), peakInFlight: s.peakInFlight }
+      })
+      progress(`goodput ${multiple}x ${variant}: offered ${row.offeredPerS}/s, goodput ${row.goodputPerS}/s (${row.goodputPct}% of capacity), p99 ${row.p99} ms`)
+      rows.push(row)
+    }
+  }
+  // Step profile: 0.5x, then 10x, then 0.5x again; goodput per 0.5 s shows recovery.
+  const phase = duration
+  const profile = (t: number) => cap * (t < phase || t >= 2 * phase ? 0.5 : 10)
+  const steps: Record<string, Array<{ t: number, offeredPerS: number, goodputPerS: number }>> = {}
+  for (const variant of ['bare', 'plugin'] as const) {
+    steps[variant] = await withTarget({ ...base, variant }, async (target) => {
+      const res = await openLoop({ url: `${target.origin}/work`, rate: profile, durationS: 3 * phase, timeoutMs, connections: 4096, bucketS: 0.5 })
+      return res.series
+    })
+    progress(`step profile ${variant} done`)
+  }
+  const recovery = (series: Array<{ t: number, goodputPerS: number, offeredPerS: number }>) => {
+    const after = series.filter((p) => p.t >= 2 * phase)
+    const ok = after.find((p) => p.goodputPerS >= 0.9 * p.offeredPerS)
+    return ok === undefined ? 'not within the run' : `${round(ok.t - 2 * phase)} s`
+  }
+  const tables: Table[] = [{
+    title: `Open-loop goodput (Poisson arrivals, ${timeoutMs} ms client timeout; capacity = ${base.maxConcurrency} / ${base.serviceTime} ms = ${cap}/s)`,
+    columns: ['load', 'variant', 'offered/s', 'goodput/s', '% of capacity', '503', 'timeouts', 'errors', 'p50 ms', 'p99 ms', 'max ms', 'RSS peak MB', 'ELD p99 ms', 'peak in-flight'],
+    rows: rows.map((r) => [`${r.multiple}x`, r.variant, r.offeredPerS, r.goodputPerS, r.goodputPct, r.rejected, r.timeouts, r.errors, r.p50, r.p99, r.max, r.rssPeakMB, r.eldP99, r.peakInFlight])
+  }, {
+    title: `Step profile 0.5x -> 10x -> 0.5x (${phase} s each): time to recover 90% goodput after the spike`,
+    columns: ['variant', 'recovery'],
+    rows: (['bare', 'plugin'] as const).map((v) => [v, recovery(steps[v])])
+  }]
+  const charts: Chart[] = [
+    { title: 'Goodput vs offered load', x: 'offered load (x capacity)', y: '2xx within timeout / s', logX: true, series: (['bare', 'plugin'] as const).map((v) => ({ name: v, points: rows.filter((r) => r.variant === v).map((r) => [r.multiple as number, r.goodputPerS as number] as [number, number]) })) },
+    { title: 'p99 latency of 2xx vs offered load', x: 'offered load (x capacity)', y: 'ms', logX: true, series: (['bare', 'plugin'] as const).map((v) => ({ name: v, points: rows.filter((r) => r.variant === v).map((r) => [r.multiple as number, r.p99 as number] as [number, number]) })) },
+    { title: 'Step profile: goodput over time', x: 's', y: '2xx / s', series: (['bare', 'plugin'] as const).map((v) => ({ name: v, points: steps[v].map((p) => [p.t, p.goodputPerS] as [number, number]) })) }
+  ]
+  return { scenario: 'goodput', title: 'Overload goodput (open loop)', options: { ...base, duration, timeoutMs }, machine, tables, charts, data: { rows, steps } }
+}
+
+async function ci (): Promise<boolean> {
+  // Small enough for a 2-core CI machine to offer 10x capacity in open loop.
+  const settings: ServerSettings = { ...base, variant: 'plugin', maxConcurrency: 10, maxQueue: 10, queueTimeout: 200, serviceTime: 20 }
+  const cap = capacity(settings.maxConcurrency, settings.serviceTime)
+  const { moderate, overload, peakInFlight } = await withTarget(settings, async (target) => {
+    progress('gate: moderate closed loop (5 connections, 3 s)')
+    const moderate = await closedLoop(`${target.origin}/work`, 5, 3)
+    progress(`gate: open loop at 10x capacity (${cap * 10}/s, 6 s)`)
+    const overload = await openLoop({ url: `${target.origin}/work`, rate: cap * 10, durationS: 6, timeoutMs: 1000, connections: 2048 })
+    const s = await target.stats()
+    return { moderate, overload, peakInFlight: s.peakInFlight }
+  })
+  const checks = checkGate({
+    ...settings,
+    latencyMarginMs: 100,
+    peakInFlight,
+    overload: { goodputPerS: overload.goodputPerS, p99OkMs: overload.latencyOk.p99, errors: overload.errors },
+    moderate: { errors: moderate.errors, timeouts: moderate.timeouts, non2xx: Math.round(moderate.rejectedPerS * moderate.durationS) },
+    minGoodputRatio: 0.9
+  })
+  const table: Table = { title: 'Load-test gate', columns: ['check', 'result', 'figures'], rows: checks.map((c) => [c.name, c.pass ? 'pass' : 'FAIL', c.detail]) }
+  printTable(table)
+  stepSummary([table])
+  const failed = checks.filter((c) => !c.pass).length
+  console.log(`gate: ${checks.length - failed} passed, ${failed} failed`)
+  return failed === 0
+}
+
+const scenario = positionals[0] ?? 'all'
+switch (scenario) {
+  case 'bench':
+    save(await bench())
+    break
+  case 'explosion':
+    save(await explosion())
+    break
+  case 'goodput':
+    save(await goodput())
+    break
+  case 'all':
+    save(await explosion())
+    save(await goodput())
+    progress(`report: ${writeHtmlReport(resultsDir)}`)
+    break
+  case 'report':
+    progress(`report: ${writeHtmlReport(resultsDir)}`)
+    break
+  case 'ci':
+    if (!await ci()) process.exitCode = 1
+    break
+  default:
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, all, report or ci`)
+    process.exitCode = 2
+}

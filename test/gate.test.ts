@@ -1,0 +1,41 @@
+import t from 'tap'
+import { capacity, checkGate, type GateInput } from '../load-tests/gate.js'
+
+const good: GateInput = {
+  maxConcurrency: 10,
+  serviceTime: 20,
+  queueTimeout: 200,
+  latencyMarginMs: 100,
+  peakInFlight: 10,
+  overload: { goodputPerS: 480, p99OkMs: 230, errors: 0 },
+  moderate: { errors: 0, timeouts: 0, non2xx: 0 },
+  minGoodputRatio: 0.9
+}
+
+const failing = (input: GateInput) => checkGate(input).filter((c) => !c.pass).map((c) => c.name)
+
+t.test('capacity is maxConcurrency / service time', async (t) => {
+  t.equal(capacity(100, 20), 5000)
+  t.equal(capacity(10, 20), 500)
+})
+
+t.test('a healthy run passes every check', async (t) => {
+  t.same(failing(good), [])
+  t.equal(checkGate(good).length, 4)
+})
+
+t.test('each broken invariant fails its own check', async (t) => {
+  t.same(failing({ ...good, peakInFlight: 11 }), ['peak in-flight <= maxConcurrency'])
+  t.same(failing({ ...good, overload: { ...good.overload, goodputPerS: 440 } }), ['goodput at 10x >= 90% of capacity'])
+  t.same(failing({ ...good, overload: { ...good.overload, p99OkMs: 321 } }), ['p99 of admitted requests <= queueTimeout + service time + margin'])
+  t.same(failing({ ...good, moderate: { errors: 1, timeouts: 0, non2xx: 0 } }), ['no socket errors at moderate load'])
+  t.same(failing({ ...good, moderate: { errors: 0, timeouts: 2, non2xx: 0 } }), ['no socket errors at moderate load'])
+  t.same(failing({ ...good, moderate: { errors: 0, timeouts: 0, non2xx: 5 } }), ['no socket errors at moderate load'])
+})
+
+t.test('details quote the figures', async (t) => {
+  const [peak, goodput, p99] = checkGate(good)
+  t.equal(peak.detail, 'peak 10, limit 10')
+  t.equal(goodput.detail, '480/s of 500/s = 96.0%')
+  t.equal(p99.detail, 'p99 230.0 ms, bound 320 ms')
+})

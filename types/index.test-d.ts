@@ -1,0 +1,69 @@
+import Fastify, { type FastifyRequest } from 'fastify'
+import { expectAssignable, expectError, expectType } from 'tsd'
+import concurrencyLimit, {
+  fastifyConcurrencyLimit,
+  QueueFullError,
+  type ConcurrencyLimitOptions,
+  type PoolStats,
+  type RejectReason,
+  type RejectionWithRetry
+} from 'fastify-concurrency-limit'
+
+const app = Fastify()
+expectType<typeof concurrencyLimit>(fastifyConcurrencyLimit)
+
+app.register(concurrencyLimit)
+app.register(concurrencyLimit, { maxConcurrency: 100, maxQueue: 100, queueTimeout: 1000 })
+app.register(concurrencyLimit, {
+  global: false,
+  hook: 'preHandler',
+  statusCode: 429,
+  retryAfter: (request, rejection) => {
+    expectType<FastifyRequest>(request)
+    expectType<RejectReason>(rejection.reason)
+    expectType<string>(rejection.pool)
+    return 5
+  },
+  errorResponseBuilder: (_request, rejection) => {
+    expectType<RejectionWithRetry>(rejection)
+    expectType<number>(rejection.retryAfter)
+    return { busy: true }
+  },
+  groups: { reports: { maxConcurrency: 2 } }
+})
+app.register(concurrencyLimit, { retryAfter: 2 })
+
+// Wrong option types do not compile.
+expectError(app.register(concurrencyLimit, { maxConcurrency: '100' }))
+expectError(app.register(concurrencyLimit, { maxQueue: true }))
+expectError(app.register(concurrencyLimit, { queueTimeout: '1s' }))
+expectError(app.register(concurrencyLimit, { hook: 'onSend' }))
+expectError(app.register(concurrencyLimit, { retryAfter: '5' }))
+expectError(app.register(concurrencyLimit, { retryAfter: () => 'soon' }))
+expectError(app.register(concurrencyLimit, { global: 'yes' }))
+expectError(app.register(concurrencyLimit, { groups: { a: { hook: 'onRequest' } } }))
+expectError(app.register(concurrencyLimit, { maxConcurency: 10 }))
+
+// Route config is typed.
+app.get('/report', { config: { concurrencyLimit: { maxConcurrency: 2, maxQueue: 10 } } }, async () => 'x')
+app.get('/healthz', { config: { concurrencyLimit: false } }, async () => 'ok')
+app.get('/shared', { config: { concurrencyLimit: { group: 'reports', hook: 'preHandler' } } }, async () => 'x')
+app.get('/on', { config: { concurrencyLimit: true } }, async () => 'x')
+expectError(app.get('/bad', { config: { concurrencyLimit: { maxConcurrency: '2' } } }, async () => 'x'))
+expectError(app.get('/bad', { config: { concurrencyLimit: { group: 3 } } }, async () => 'x'))
+expectError(app.get('/bad', { config: { concurrencyLimit: { hook: 'onResponse' } } }, async () => 'x'))
+
+// The decorator.
+expectType<PoolStats>(app.concurrencyLimit.stats())
+expectType<PoolStats>(app.concurrencyLimit.stats('reports'))
+expectType<PoolStats[]>(app.concurrencyLimit.pools())
+const stats = app.concurrencyLimit.stats()
+expectType<number>(stats.inFlight)
+expectType<number>(stats.queued)
+expectType<number>(stats.rejected.queueFull)
+expectType<number>(stats.queueWait.meanMs)
+expectError(app.concurrencyLimit.stats(1))
+
+// Errors carry their codes.
+expectType<'FST_CONCURRENCY_LIMIT_QUEUE_FULL'>(new QueueFullError().code)
+expectAssignable<ConcurrencyLimitOptions>({})
