@@ -1,6 +1,7 @@
 // An open-loop load generator: requests leave on a schedule (Poisson
 // arrivals at a set rate) whatever the server answers, each with a client
 // timeout. Unlike a closed loop, a slow server does not slow the offered load.
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { Agent, request } from 'undici'
 import { summarize, type Latency } from './stats.js'
 
@@ -24,6 +25,8 @@ export interface OpenLoopResult {
   timeouts: number
   errors: number
   latencyOk: Latency
+  /** Event-loop lag of the generator itself: high values mean it, not the server, was the bottleneck. */
+  generatorLagP99Ms: number
   /** Goodput per bucket, for recovery curves. */
   series: Array<{ t: number, offeredPerS: number, goodputPerS: number }>
 }
@@ -67,6 +70,8 @@ export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResul
     pending.add(p)
   }
 
+  const lag = monitorEventLoopDelay({ resolution: 5 })
+  lag.enable()
   const start = performance.now()
   let next = start
   // Exponential gaps between arrivals; every ms the loop sends what is due.
@@ -82,6 +87,7 @@ export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResul
     await new Promise((resolve) => setTimeout(resolve, 1))
   }
   await Promise.all(pending)
+  lag.disable()
   await agent.destroy()
   const duration = options.durationS
   return {
@@ -93,6 +99,7 @@ export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResul
     timeouts,
     errors,
     latencyOk: summarize(latencies),
+    generatorLagP99Ms: lag.percentile(99) / 1e6,
     series: sentBy.map((sent, i) => ({ t: i * bucketS, offeredPerS: sent / bucketS, goodputPerS: okBy[i] / bucketS }))
   }
 }

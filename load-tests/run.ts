@@ -2,6 +2,8 @@
 //   bench       overhead of the plugin on hello-world (req/s, server CPU per request)
 //   explosion   closed-loop connection sweep, bare vs plugin
 //   goodput     open-loop goodput at multiples of capacity, and a step profile
+//   threads     a new worker thread per request vs a bounded pool behind the plugin
+//   deadlock    a route calling its own server: shared pool vs queue timeout vs separate pools
 //   all         explosion + goodput, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { mkdirSync, writeFileSync } from 'node:fs'
@@ -26,6 +28,12 @@ const { values, positionals } = parseArgs({
     'queue-timeout': { type: 'string', default: '1000' },
     connections: { type: 'string', default: '10,100,1000,5000' },
     rates: { type: 'string', default: '0.5,1,2,5,10,25,50' },
+    // Open loop: the generator needs about one core for 10k requests/s, so
+    // 50x capacity must stay near that: 10 slots / 50 ms = 200/s by default.
+    'goodput-max-concurrency': { type: 'string', default: '10' },
+    'goodput-service-time': { type: 'string', default: '50' },
+    'thread-connections': { type: 'string', default: '10,100,500' },
+    'cpu-ms': { type: 'string', default: '5' },
     duration: { type: 'string', default: '5' },
     repeats: { type: 'string', default: '3' },
     'client-timeout': { type: 'string', default: '1000' },
@@ -38,9 +46,9 @@ function num (name: keyof typeof values): number {
   if (!Number.isFinite(value) || value < 0) throw new Error(`--${name} must be a number >= 0, got ${String(values[name])}`)
   return value
 }
-const list = (name: 'connections' | 'rates') => String(values[name]).split(',').map(Number)
+const list = (name: 'connections' | 'rates' | 'thread-connections') => String(values[name]).split(',').map(Number)
 
-const base: ServerSettings = {
+const settingsBase: ServerSettings = {
   variant: 'plugin',
   serviceTime: num('service-time'),
   memoryKiB: num('memory-kib'),
@@ -48,6 +56,7 @@ const base: ServerSettings = {
   maxQueue: num('max-queue'),
   queueTimeout: num('queue-timeout')
 }
+const base = settingsBase
 const duration = num('duration')
 const machine = { cores: availableParallelism(), node: process.version, platform: process.platform, date: new Date().toISOString() }
 const resultsDir = String(values.results)
@@ -87,6 +96,9 @@ async function bench (): Promise<ScenarioResult> {
         await target.reset()
         const res = await closedLoop(`${target.origin}/hello`, connections, duration)
         const stats = await target.stats()
+        if (variant === 'plugin' && (stats.plugin as { admitted: number }).admitted < res.total) {
+          throw new Error('the plugin did not see every request: the benchmark would not measure it')
+        }
         const run = { rps: res.okPerS, cpuPerReq: stats.cpuMicros / Math.max(1, res.total) }
         runs[variant].push(run)
         progress(`bench ${r + 1}/${repeats} ${variant}: ${run.rps.toFixed(0)} req/s, ${run.cpuPerReq.toFixed(1)} µs CPU/req`)
@@ -136,6 +148,8 @@ async function explosion (): Promise<ScenarioResult> {
 }
 
 async function goodput (): Promise<ScenarioResult> {
+  const maxConcurrency = num('goodput-max-concurrency')
+  const base: ServerSettings = { ...settingsBase, maxConcurrency, maxQueue: maxConcurrency, serviceTime: num('goodput-service-time') }
   const cap = capacity(base.maxConcurrency, base.serviceTime)
   const timeoutMs = num('client-timeout')
   const rows: Array<Record<string, number | string>> = []
@@ -145,7 +159,7 @@ async function goodput (): Promise<ScenarioResult> {
         await target.reset()
         const res = await openLoop({ url: `${target.origin}/work`, rate: cap * multiple, durationS: duration, timeoutMs, connections: 4096 })
         const s = await target.stats()
-        return { variant, multiple, offeredPerS: round(res.offeredPerS, 0), goodputPerS: round(res.goodputPerS, 0), goodputPct: round(100 * res.goodputPerS / cap), rejected: res.rejected, timeouts: res.timeouts, errors: res.errors, p50: round(res.latencyOk.p50), p99: round(res.latencyOk.p99), max: round(res.latencyOk.max), rssPeakMB: round(s.rssPeakMB), eldP99: round(s.eventLoopDelayP99Ms), peakInFlight: s.peakInFlight }
+        return { variant, multiple, targetPerS: cap * multiple, generatorLagP99: round(res.generatorLagP99Ms), offeredPerS: round(res.offeredPerS, 0), goodputPerS: round(res.goodputPerS, 0), goodputPct: round(100 * res.goodputPerS / cap), rejected: res.rejected, timeouts: res.timeouts, errors: res.errors, p50: round(res.latencyOk.p50), p99: round(res.latencyOk.p99), max: round(res.latencyOk.max), rssPeakMB: round(s.rssPeakMB), eldP99: round(s.eventLoopDelayP99Ms), peakInFlight: s.peakInFlight }
       })
       progress(`goodput ${multiple}x ${variant}: offered ${row.offeredPerS}/s, goodput ${row.goodputPerS}/s (${row.goodputPct}% of capacity), p99 ${row.p99} ms`)
       rows.push(row)
@@ -169,8 +183,8 @@ async function goodput (): Promise<ScenarioResult> {
   }
   const tables: Table[] = [{
     title: `Open-loop goodput (Poisson arrivals, ${timeoutMs} ms client timeout; capacity = ${base.maxConcurrency} / ${base.serviceTime} ms = ${cap}/s)`,
-    columns: ['load', 'variant', 'offered/s', 'goodput/s', '% of capacity', '503', 'timeouts', 'errors', 'p50 ms', 'p99 ms', 'max ms', 'RSS peak MB', 'ELD p99 ms', 'peak in-flight'],
-    rows: rows.map((r) => [`${r.multiple}x`, r.variant, r.offeredPerS, r.goodputPerS, r.goodputPct, r.rejected, r.timeouts, r.errors, r.p50, r.p99, r.max, r.rssPeakMB, r.eldP99, r.peakInFlight])
+    columns: ['load', 'variant', 'target/s', 'offered/s', 'goodput/s', '% of capacity', '503', 'timeouts', 'errors', 'p50 ms', 'p99 ms', 'max ms', 'RSS peak MB', 'ELD p99 ms', 'peak in-flight', 'generator lag p99 ms'],
+    rows: rows.map((r) => [`${r.multiple}x`, r.variant, r.targetPerS, r.offeredPerS, r.goodputPerS, r.goodputPct, r.rejected, r.timeouts, r.errors, r.p50, r.p99, r.max, r.rssPeakMB, r.eldP99, r.peakInFlight, r.generatorLagP99])
   }, {
     title: `Step profile 0.5x -> 10x -> 0.5x (${phase} s each): time to recover 90% goodput after the spike`,
     columns: ['variant', 'recovery'],
@@ -182,6 +196,81 @@ async function goodput (): Promise<ScenarioResult> {
     { title: 'Step profile: goodput over time', x: 's', y: '2xx / s', series: (['bare', 'plugin'] as const).map((v) => ({ name: v, points: steps[v].map((p) => [p.t, p.goodputPerS] as [number, number]) })) }
   ]
   return { scenario: 'goodput', title: 'Overload goodput (open loop)', options: { ...base, duration, timeoutMs }, machine, tables, charts, data: { rows, steps } }
+}
+
+async function threads (): Promise<ScenarioResult> {
+  const cpuMs = num('cpu-ms')
+  const rows: Array<Record<string, number | string>> = []
+  const variants = [
+    { variant: 'bare' as const, path: '/cpu-thread', name: 'thread per request' },
+    { variant: 'plugin' as const, path: '/cpu-pool', name: 'pool + plugin' }
+  ]
+  for (const connections of list('thread-connections')) {
+    for (const v of variants) {
+      const row = await withTarget({ ...base, variant: v.variant, cpuMs }, async (target) => {
+        await closedLoop(`${target.origin}${v.path}`, 2, 1)
+        await target.reset()
+        const res = await closedLoop(`${target.origin}${v.path}`, connections, duration, 30)
+        const s = await target.stats()
+        return { variant: v.name, connections, okPerS: round(res.okPerS, 0), rejectedPerS: round(res.rejectedPerS, 0), errors: res.errors, timeouts: res.timeouts, p50: res.latency.p50, p99: res.latency.p99, threadsPeak: s.threadsPeak, rssPeakMB: round(s.rssPeakMB), eldP99: round(s.eventLoopDelayP99Ms) }
+      })
+      progress(`threads ${connections} connections, ${v.name}: ${row.okPerS} 2xx/s, ${row.threadsPeak} threads, RSS ${row.rssPeakMB} MB, p99 ${row.p99} ms`)
+      rows.push(row)
+    }
+  }
+  const table: Table = {
+    title: `Thread explosion (${cpuMs} ms of CPU per request; pool = ${machine.cores} piscina threads, piscina maxQueue ${machine.cores * 4}, plugin maxConcurrency ${machine.cores * 2}, maxQueue ${machine.cores * 8})`,
+    columns: ['connections', 'variant', '2xx/s', '503/s', 'errors', 'timeouts', 'p50 ms', 'p99 ms', 'threads peak', 'RSS peak MB', 'ELD p99 ms'],
+    rows: rows.map((r) => [r.connections, r.variant, r.okPerS, r.rejectedPerS, r.errors, r.timeouts, r.p50, r.p99, r.threadsPeak, r.rssPeakMB, r.eldP99])
+  }
+  const series = (key: string) => variants.map((v) => ({ name: v.name, points: rows.filter((r) => r.variant === v.name).map((r) => [r.connections as number, r[key] as number] as [number, number]) }))
+  return {
+    scenario: 'threads',
+    title: 'Thread explosion (closed loop, autocannon)',
+    options: { cpuMs, duration },
+    machine,
+    tables: [table],
+    charts: [
+      { title: 'Threads peak vs connections', x: 'connections', y: 'threads', logX: true, series: series('threadsPeak') },
+      { title: 'RSS peak vs connections (threads)', x: 'connections', y: 'MB', logX: true, series: series('rssPeakMB') }
+    ],
+    data: rows
+  }
+}
+
+async function deadlock (): Promise<ScenarioResult> {
+  const maxConcurrency = 10
+  const connections = 50
+  const cases = [
+    { name: 'shared pool, queueTimeout 30 s', queueTimeout: 30_000, inner: 'shared' },
+    { name: 'shared pool, queueTimeout 200 ms', queueTimeout: 200, inner: 'shared' },
+    { name: 'separate pools', queueTimeout: 200, inner: 'own' }
+  ]
+  const rows: Array<Record<string, number | string>> = []
+  for (const c of cases) {
+    const settings: ServerSettings = { ...base, variant: 'plugin', maxConcurrency, maxQueue: 100, queueTimeout: c.queueTimeout }
+    const row = await withTarget(settings, async (target) => {
+      const url = `${target.origin}/outer?inner=${c.inner}`
+      const res = await closedLoop(url, connections, duration, 5)
+      // Recovery: once the load stops, how long until one request succeeds?
+      const stopped = performance.now()
+      let recoveredMs = -1
+      while (performance.now() - stopped < 35_000) {
+        const probe = await fetch(url).catch(() => null)
+        if (probe?.status === 200) { recoveredMs = performance.now() - stopped; break }
+        await new Promise((resolve) => setTimeout(resolve, 50))
+      }
+      return { case: c.name, okPerS: round(res.okPerS, 1), failedPerS: round(res.rejectedPerS, 1), timeouts: res.timeouts, p99: res.latency.p99, recoveredMs: round(recoveredMs, 0) }
+    })
+    progress(`deadlock, ${c.name}: ${row.okPerS} 2xx/s, ${row.failedPerS} failed/s, ${row.timeouts} timeouts, recovered after ${row.recoveredMs} ms`)
+    rows.push(row)
+  }
+  const table: Table = {
+    title: `Deadlock by self-call (/outer calls /inner on the same server; maxConcurrency ${maxConcurrency}, ${connections} connections, ${duration} s, client timeout 5 s)`,
+    columns: ['case', '2xx/s', 'failed/s', 'client timeouts', 'p99 ms', 'first success after load, ms'],
+    rows: rows.map((r) => [r.case, r.okPerS, r.failedPerS, r.timeouts, r.p99, r.recoveredMs])
+  }
+  return { scenario: 'deadlock', title: 'Deadlock by self-call', options: { maxConcurrency, connections, duration }, machine, tables: [table], charts: [], data: rows }
 }
 
 async function ci (): Promise<boolean> {
@@ -223,9 +312,17 @@ switch (scenario) {
   case 'goodput':
     save(await goodput())
     break
+  case 'threads':
+    save(await threads())
+    break
+  case 'deadlock':
+    save(await deadlock())
+    break
   case 'all':
     save(await explosion())
     save(await goodput())
+    save(await threads())
+    save(await deadlock())
     progress(`report: ${writeHtmlReport(resultsDir)}`)
     break
   case 'report':
@@ -235,6 +332,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, all, report or ci`)
     process.exitCode = 2
 }

@@ -2,8 +2,14 @@
 // runner passes its settings as JSON in argv[2] and talks to it over IPC:
 // 'ready' with the port once listening, then 'stats' on request.
 import Fastify from 'fastify'
+import { readdirSync } from 'node:fs'
+import { availableParallelism } from 'node:os'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { fileURLToPath } from 'node:url'
+import { Worker } from 'node:worker_threads'
+import { Pool as HttpPool } from 'undici'
+import { Piscina } from 'piscina'
 import concurrencyLimit from 'fastify-concurrency-limit'
 
 export interface ServerSettings {
@@ -13,6 +19,10 @@ export interface ServerSettings {
   maxConcurrency: number
   maxQueue: number
   queueTimeout: number
+  /** CPU milliseconds of one /cpu-* request. */
+  cpuMs?: number
+  /** Threads of the /cpu-pool pool (default: cores). */
+  poolThreads?: number
 }
 
 export interface ServerStats {
@@ -40,6 +50,7 @@ let requests = 0
 let inFlight = 0
 let peakInFlight = 0
 let rssPeak = 0
+let threadsPeak = 0
 const eld = monitorEventLoopDelay({ resolution: 10 })
 eld.enable()
 let cpuMark = process.cpuUsage()
@@ -47,6 +58,11 @@ let cpuMark = process.cpuUsage()
 function sampleRss (): void {
   const rss = process.memoryUsage.rss()
   if (rss > rssPeak) rssPeak = rss
+  // Every thread of this process, as the kernel sees them (Linux only).
+  try {
+    const threads = readdirSync('/proc/self/task').length
+    if (threads > threadsPeak) threadsPeak = threads
+  } catch {}
 }
 setInterval(sampleRss, 50).unref()
 
@@ -67,6 +83,60 @@ app.get('/work', async () => {
   }
 })
 
+// Thread explosion: CPU work on a new thread per request, against a bounded
+// pool whose own queue is bounded, behind the plugin.
+const workerPath = fileURLToPath(new URL('./cpu-worker.js', import.meta.url))
+const cpuMs = settings.cpuMs ?? 5
+const poolThreads = settings.poolThreads ?? availableParallelism()
+const piscina = new Piscina({ filename: workerPath, minThreads: poolThreads, maxThreads: poolThreads, maxQueue: poolThreads * 4 })
+
+app.get('/cpu-thread', async () => {
+  requests++
+  inFlight++
+  if (inFlight > peakInFlight) peakInFlight = inFlight
+  try {
+    const worker = new Worker(workerPath, { workerData: { ms: cpuMs, oneShot: true } })
+    const [n] = await Promise.all([
+      new Promise((resolve, reject) => { worker.once('message', resolve); worker.once('error', reject) }),
+      new Promise((resolve) => worker.once('exit', resolve))
+    ])
+    return { n }
+  } finally {
+    inFlight--
+  }
+})
+
+app.get('/cpu-pool', { config: { concurrencyLimit: { maxConcurrency: poolThreads * 2, maxQueue: poolThreads * 8 } } }, async (_request, reply) => {
+  requests++
+  inFlight++
+  if (inFlight > peakInFlight) peakInFlight = inFlight
+  try {
+    return { n: await piscina.run({ ms: cpuMs }) }
+  } catch (err) {
+    // piscina's own bounded queue is full: push back, do not wait.
+    if ((err as Error).message.includes('queue is at limit')) return reply.code(503).header('retry-after', 1).send({ error: 'pool queue full' })
+    throw err
+  } finally {
+    inFlight--
+  }
+})
+
+// Deadlock by self-call: /outer calls /inner-* on this same server and waits.
+const selfCall: { pool?: HttpPool } = {}
+app.get('/outer', async (request, reply) => {
+  requests++
+  const inner = (request.query as { inner?: string }).inner === 'own' ? '/inner-own' : '/inner-shared'
+  const res = await (selfCall.pool as HttpPool).request({ path: inner, method: 'GET' })
+  await res.body.dump()
+  if (res.statusCode !== 200) return reply.code(502).send({ error: `inner answered ${res.statusCode}` })
+  return { ok: true }
+})
+app.get('/inner-shared', async () => { await sleep(settings.serviceTime); return 'inner' })
+app.get('/inner-own', { config: { concurrencyLimit: { maxConcurrency: settings.maxConcurrency } } }, async () => {
+  await sleep(settings.serviceTime)
+  return 'inner'
+})
+
 function stats (): ServerStats {
   sampleRss()
   const cpu = process.cpuUsage(cpuMark)
@@ -77,7 +147,7 @@ function stats (): ServerStats {
     rssMB: process.memoryUsage.rss() / 2 ** 20,
     eventLoopDelayP99Ms: eld.percentile(99) / 1e6,
     cpuMicros: cpu.user + cpu.system,
-    threadsPeak: 0,
+    threadsPeak,
     plugin: settings.variant === 'plugin' ? app.concurrencyLimit.stats() : null
   }
 }
@@ -88,6 +158,7 @@ process.on('message', (message: { type: string }) => {
     requests = 0
     peakInFlight = inFlight
     rssPeak = 0
+    threadsPeak = 0
     eld.reset()
     cpuMark = process.cpuUsage()
     process.send?.({ type: 'reset' })
@@ -99,4 +170,6 @@ process.on('disconnect', () => { process.exit(0) })
 // otherwise turn connections away during the connection sweep.
 await app.listen({ host: '127.0.0.1', port: 0, backlog: 4096 })
 const address = app.server.address()
-process.send?.({ type: 'ready', port: typeof address === 'object' && address !== null ? address.port : 0 })
+const port = typeof address === 'object' && address !== null ? address.port : 0
+selfCall.pool = new HttpPool(`http://127.0.0.1:${port}`, { connections: 1024 })
+process.send?.({ type: 'ready', port })
