@@ -67,6 +67,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
   // to end, or close() would wait on requests that wait on it.
   fastify.addHook('preClose', (done) => {
     pools.close()
+    rejecter.drain()
     done()
   })
 
@@ -80,12 +81,17 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
 
     // Route-level hooks run after the instance's own hooks of the same stage;
     // ours goes first among them so that a refused request costs no more.
+    // A request refused at once costs no allocation and no listener.
     const admit = stage === 'preParsing'
       ? (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: Done) => {
-          new Ticket(limiter, rejecter, request, reply, done, payload).start()
+          const reason = limiter.refuse()
+          if (reason === null) new Ticket(limiter, rejecter, request, reply, done, payload).start()
+          else rejecter.reject(limiter, request, reply, reason)
         }
       : (request: FastifyRequest, reply: FastifyReply, done: Done) => {
-          new Ticket(limiter, rejecter, request, reply, done, undefined).start()
+          const reason = limiter.refuse()
+          if (reason === null) new Ticket(limiter, rejecter, request, reply, done, undefined).start()
+          else rejecter.reject(limiter, request, reply, reason)
         }
     const existing = route[stage] as unknown
     const hooks = existing === undefined ? [] : Array.isArray(existing) ? existing : [existing]

@@ -34,6 +34,8 @@ export interface LimiterStats extends LimiterSettings {
   completed: number
   rejected: { queueFull: number, queueTimeout: number, closing: number }
   abandoned: number
+  /** Refused requests now waiting out `rejectDelay` before they are answered. */
+  heldRejections: number
   queueWait: { count: number, meanMs: number, maxMs: number }
 }
 
@@ -61,6 +63,8 @@ export class Limiter {
   inFlight = 0
   queued = 0
   closing = false
+  /** Refusals held back by a reject delay (kept here to show in stats). */
+  heldRejections = 0
 
   #head: Waiter | null = null
   #tail: Waiter | null = null
@@ -99,10 +103,12 @@ export class Limiter {
   }
 
   /**
-   * Queues a waiter that `tryAcquire()` turned away. Returns null when queued,
-   * else the reason it was refused (it is counted as rejected).
+   * Why a request arriving now would be refused (and counts it), or null if
+   * it would get a slot or a place in the queue. Lets a caller refuse before
+   * it allocates anything for the request.
    */
-  enqueue (waiter: Waiter): RejectReason | null {
+  refuse (): RejectReason | null {
+    if (this.inFlight < this.maxConcurrency) return null
     if (this.closing) {
       this.#rejectedClosing++
       return 'closing'
@@ -111,6 +117,16 @@ export class Limiter {
       this.#rejectedQueueFull++
       return 'queueFull'
     }
+    return null
+  }
+
+  /**
+   * Queues a waiter that `tryAcquire()` turned away. Returns null when queued,
+   * else the reason it was refused (it is counted as rejected).
+   */
+  enqueue (waiter: Waiter): RejectReason | null {
+    const reason = this.refuse()
+    if (reason !== null) return reason
     const now = performance.now()
     waiter.enqueuedAt = now
     waiter.deadline = now + this.queueTimeout
@@ -223,6 +239,7 @@ export class Limiter {
         closing: this.#rejectedClosing
       },
       abandoned: this.#abandoned,
+      heldRejections: this.heldRejections,
       queueWait: {
         count: this.#waitCount,
         meanMs: this.#waitCount === 0 ? 0 : this.#waitTotal / this.#waitCount,

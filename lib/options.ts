@@ -49,6 +49,15 @@ export interface ConcurrencyLimitOptions extends PoolOptions {
   errorResponseBuilder?: (request: FastifyRequest, rejection: RejectionWithRetry) => unknown
   /** Named pools that routes join with `config.concurrencyLimit.group`. */
   groups?: Record<string, PoolOptions>
+  /**
+   * Most milliseconds a repeated refusal on one connection is held back (a
+   * retry storm brake); 0 turns it off. Default 1000.
+   */
+  rejectDelay?: number
+  /** Most refusals held back at once; past it, refusals are answered at once. Default 10000. */
+  maxHeldRejections?: number
+  /** Send `Connection: close` with every refusal. Default false. */
+  closeOnReject?: boolean
 }
 
 /** `config.concurrencyLimit` of a route. */
@@ -65,6 +74,9 @@ export interface ResolvedOptions {
   statusCode: number
   retryAfter: number | ((request: FastifyRequest, rejection: Rejection) => number) | undefined
   errorResponseBuilder: ((request: FastifyRequest, rejection: RejectionWithRetry) => unknown) | undefined
+  rejectDelay: number
+  maxHeldRejections: number
+  closeOnReject: boolean
   /** Pool settings as given at plugin level; unset fields are filled per pool. */
   pool: PoolOptions
   groups: Map<string, PoolOptions>
@@ -72,12 +84,14 @@ export interface ResolvedOptions {
 
 export const DEFAULT_MAX_CONCURRENCY = 100
 export const DEFAULT_QUEUE_TIMEOUT = 1000
+export const DEFAULT_MAX_HELD_REJECTIONS = 10_000
+export const DEFAULT_REJECT_DELAY = 1000
 // setTimeout clamps anything longer to 1 ms, which would turn a long timeout into none.
 const MAX_TIMEOUT = 2 ** 31 - 1
 
 const HOOKS: readonly HookName[] = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
 const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout'] as const
-const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'global', 'hook', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups'])
+const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'global', 'hook', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject'])
 const ROUTE_KEYS = new Set<string>([...POOL_KEYS, 'group', 'hook'])
 const GROUP_KEYS = new Set<string>(POOL_KEYS)
 
@@ -140,7 +154,7 @@ export function resolveOptions (options: unknown): ResolvedOptions {
   if (!isPlainObject(opts)) fail('', 'the options', 'an object', opts)
   checkKeys('', opts, PLUGIN_KEYS)
 
-  const { global, statusCode, retryAfter, errorResponseBuilder, groups } = opts
+  const { global, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject } = opts
   if (global !== undefined && typeof global !== 'boolean') fail('', 'global', 'a boolean', global)
   if (statusCode !== undefined &&
     !(Number.isInteger(statusCode) && (statusCode as number) >= 400 && (statusCode as number) <= 599 &&
@@ -154,6 +168,14 @@ export function resolveOptions (options: unknown): ResolvedOptions {
   if (errorResponseBuilder !== undefined && typeof errorResponseBuilder !== 'function') {
     fail('', 'errorResponseBuilder', 'a function', errorResponseBuilder)
   }
+  if (rejectDelay !== undefined &&
+    !(typeof rejectDelay === 'number' && rejectDelay >= 0 && rejectDelay <= MAX_TIMEOUT)) {
+    fail('', 'rejectDelay', `a number of milliseconds from 0 to ${MAX_TIMEOUT}`, rejectDelay)
+  }
+  if (maxHeldRejections !== undefined && !(Number.isSafeInteger(maxHeldRejections) && (maxHeldRejections as number) >= 0)) {
+    fail('', 'maxHeldRejections', 'an integer >= 0', maxHeldRejections)
+  }
+  if (closeOnReject !== undefined && typeof closeOnReject !== 'boolean') fail('', 'closeOnReject', 'a boolean', closeOnReject)
 
   const resolvedGroups = new Map<string, PoolOptions>()
   if (groups !== undefined) {
@@ -172,6 +194,9 @@ export function resolveOptions (options: unknown): ResolvedOptions {
     statusCode: (statusCode as number | undefined) ?? 503,
     retryAfter: retryAfter as ResolvedOptions['retryAfter'],
     errorResponseBuilder: errorResponseBuilder as ResolvedOptions['errorResponseBuilder'],
+    rejectDelay: (rejectDelay as number | undefined) ?? DEFAULT_REJECT_DELAY,
+    maxHeldRejections: (maxHeldRejections as number | undefined) ?? DEFAULT_MAX_HELD_REJECTIONS,
+    closeOnReject: (closeOnReject as boolean | undefined) ?? false,
     pool: checkPool('', opts),
     groups: resolvedGroups
   }

@@ -3,6 +3,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import { ClosingError, InvalidOptionError, QueueFullError, QueueTimeoutError } from './errors.js'
 import type { Limiter, RejectReason } from './limiter.js'
 import type { Rejection, ResolvedOptions } from './options.js'
+import { RejectDelay } from './reject-delay.js'
 
 const ERRORS = {
   queueFull: QueueFullError,
@@ -20,9 +21,13 @@ const JSON_TYPE = 'application/json; charset=utf-8'
 export class Rejecter {
   readonly #options: ResolvedOptions
   readonly #bodies: Record<RejectReason, string>
+  readonly #delay: RejectDelay | null
 
   constructor (options: ResolvedOptions) {
     this.#options = options
+    this.#delay = options.rejectDelay > 0
+      ? new RejectDelay(options.rejectDelay, options.maxHeldRejections, (limiter, request, reply) => this.answer(limiter, request, reply, 'queueFull'))
+      : null
     const statusCode = options.statusCode
     const error = STATUS_CODES[statusCode] as string
     const body = (reason: RejectReason): string => {
@@ -32,7 +37,21 @@ export class Rejecter {
     this.#bodies = { queueFull: body('queueFull'), queueTimeout: body('queueTimeout'), closing: body('closing') }
   }
 
+  /**
+   * Refuses a request: at once, or after `rejectDelay` for a full queue (a
+   * request refused for its queue timeout or for shutdown has waited enough).
+   */
   reject (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, reason: RejectReason): void {
+    if (reason === 'queueFull' && this.#delay !== null && this.#delay.hold(limiter, request, reply)) return
+    this.answer(limiter, request, reply, reason)
+  }
+
+  /** Answers every held refusal now (the server is closing). */
+  drain (): void {
+    this.#delay?.drain()
+  }
+
+  answer (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, reason: RejectReason): void {
     const { statusCode, retryAfter, errorResponseBuilder } = this.#options
     let rejection: Rejection | undefined
     let seconds: number
@@ -54,8 +73,9 @@ export class Rejecter {
       }
     }
     reply.code(statusCode).header('retry-after', Math.ceil(seconds))
-    // A closing server should not see this connection again.
-    if (reason === 'closing') reply.header('connection', 'close')
+    // A closing server should not see this connection again; with
+    // closeOnReject, neither should a refused client, until it reconnects.
+    if (reason === 'closing' || this.#options.closeOnReject) reply.header('connection', 'close')
 
     if (errorResponseBuilder === undefined) {
       reply.type(JSON_TYPE).send(this.#bodies[reason])

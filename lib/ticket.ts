@@ -47,7 +47,10 @@ export class Ticket implements Waiter {
     this.payload = payload
   }
 
-  /** Asks for a slot: continues the request now, queues it, or answers it. */
+  /**
+   * Takes a slot, or a place in the queue. The caller has checked with
+   * `limiter.refuse()` that one of them is free.
+   */
   start (): void {
     const res: TrackedResponse = this.reply.raw
     // The client left while an earlier hook ran: there is no one to serve.
@@ -60,12 +63,8 @@ export class Ticket implements Waiter {
       this.continue()
       return
     }
-    const reason = limiter.enqueue(this)
-    if (reason === null) {
-      this.state = QUEUED
-      return
-    }
-    this.rejecter.reject(limiter, this.request, this.reply, reason)
+    limiter.enqueue(this)
+    this.state = QUEUED
   }
 
   admit (): boolean {

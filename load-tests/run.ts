@@ -34,6 +34,7 @@ const { values, positionals } = parseArgs({
     'goodput-service-time': { type: 'string', default: '50' },
     'thread-connections': { type: 'string', default: '10,100,500' },
     'cpu-ms': { type: 'string', default: '5' },
+    'storm-connections': { type: 'string', default: '1000,5000' },
     duration: { type: 'string', default: '5' },
     repeats: { type: 'string', default: '3' },
     'client-timeout': { type: 'string', default: '1000' },
@@ -46,7 +47,7 @@ function num (name: keyof typeof values): number {
   if (!Number.isFinite(value) || value < 0) throw new Error(`--${name} must be a number >= 0, got ${String(values[name])}`)
   return value
 }
-const list = (name: 'connections' | 'rates' | 'thread-connections') => String(values[name]).split(',').map(Number)
+const list = (name: 'connections' | 'rates' | 'thread-connections' | 'storm-connections') => String(values[name]).split(',').map(Number)
 
 const settingsBase: ServerSettings = {
   variant: 'plugin',
@@ -116,6 +117,111 @@ async function bench (): Promise<ScenarioResult> {
     ]
   }
   return { scenario: 'bench', title: 'Overhead benchmark', options: { connections, duration, repeats }, machine, tables: [table], charts: [], data: { runs, rpsRatios, cpuRatios } }
+}
+
+interface CostVariant {
+  name: string
+  settings: ServerSettings
+  path: string
+  /** Take the saturated pool's only slot first, so that every request is refused. */
+  saturate?: boolean
+}
+
+/** Server CPU per response of each variant, measured interleaved; medians. */
+async function measureCost (variants: CostVariant[], repeats: number, connections: number): Promise<Map<string, { rps: number[], cpu: number[] }>> {
+  const out = new Map(variants.map((v) => [v.name, { rps: [] as number[], cpu: [] as number[] }]))
+  for (let r = 0; r < repeats; r++) {
+    const order = r % 2 === 0 ? variants : [...variants].reverse()
+    for (const v of order) {
+      await withTarget(v.settings, async (target) => {
+        const holder = new AbortController()
+        if (v.saturate === true) {
+          fetch(`${target.origin}/saturate`, { signal: holder.signal }).catch(() => {})
+          await new Promise((resolve) => setTimeout(resolve, 100))
+        }
+        await closedLoop(`${target.origin}${v.path}`, connections, 1)
+        await target.reset()
+        const res = await closedLoop(`${target.origin}${v.path}`, connections, duration)
+        const stats = await target.stats()
+        holder.abort()
+        const cpu = stats.cpuMicros / Math.max(1, res.total)
+        out.get(v.name)?.rps.push(res.total / duration)
+        out.get(v.name)?.cpu.push(cpu)
+        progress(`${v.name} ${r + 1}/${repeats}: ${(res.total / duration).toFixed(0)} responses/s, ${cpu.toFixed(2)} µs CPU/response`)
+      })
+    }
+  }
+  return out
+}
+
+async function rejectCost (): Promise<ScenarioResult> {
+  const repeats = num('repeats')
+  const connections = 50
+  const plugin: ServerSettings = { ...base, variant: 'plugin' }
+  const variants: CostVariant[] = [
+    { name: 'Fastify 200 (hello)', settings: { ...base, variant: 'bare' }, path: '/hello' },
+    { name: 'node:http 503', settings: { ...base, variant: 'raw' }, path: '/' },
+    { name: 'Fastify 503 from onRequest', settings: { ...base, variant: 'bare' }, path: '/early-503' },
+    { name: 'plugin 503 (default)', settings: plugin, path: '/rejected', saturate: true }
+  ]
+  const figures = await measureCost(variants, repeats, connections)
+  const bare = median(figures.get(variants[0].name)?.cpu ?? [])
+  const table: Table = {
+    title: `Cost of a response (${connections} connections, ${duration} s x ${repeats}, medians; server CPU per response)`,
+    columns: ['response', 'responses/s', 'CPU µs/response', 'x a Fastify 200'],
+    rows: variants.map((v) => {
+      const f = figures.get(v.name) as { rps: number[], cpu: number[] }
+      return [v.name, round(median(f.rps), 0), round(median(f.cpu), 2), (median(f.cpu) / bare).toFixed(2)]
+    })
+  }
+  return { scenario: 'reject-cost', title: 'Cost of a rejection', options: { connections, duration, repeats }, machine, tables: [table], charts: [], data: Object.fromEntries(figures) }
+}
+
+async function storm (): Promise<ScenarioResult> {
+  const repeats = num('repeats')
+  const ideal = capacity(base.maxConcurrency, base.serviceTime)
+  const variants: Array<{ name: string, settings: ServerSettings }> = [
+    { name: 'bare Fastify', settings: { ...base, variant: 'bare' } },
+    { name: 'plugin, defaults (rejectDelay 1000)', settings: { ...base, variant: 'plugin' } },
+    { name: 'plugin, no delay', settings: { ...base, variant: 'plugin', plugin: { rejectDelay: 0 } } },
+    { name: 'plugin, no delay, closeOnReject', settings: { ...base, variant: 'plugin', plugin: { rejectDelay: 0, closeOnReject: true } } },
+    { name: 'plugin, rejectDelay 250', settings: { ...base, variant: 'plugin', plugin: { rejectDelay: 250 } } }
+  ]
+  type Run = { okPerS: number, rejectedPerS: number, errors: number, p50: number, p99: number, eldP99: number, rssPeakMB: number, peakInFlight: number }
+  const runs = new Map<string, Run[]>()
+  for (const connections of list('storm-connections')) {
+    for (let r = 0; r < repeats; r++) {
+      const order = r % 2 === 0 ? variants : [...variants].reverse()
+      for (const v of order) {
+        const run = await withTarget(v.settings, async (target) => {
+          await target.reset()
+          const res = await closedLoop(`${target.origin}/work`, connections, duration)
+          const s = await target.stats()
+          return { okPerS: res.okPerS, rejectedPerS: res.rejectedPerS, errors: res.errors + res.timeouts, p50: s.okLatency.p50, p99: s.okLatency.p99, eldP99: s.eventLoopDelayP99Ms, rssPeakMB: s.rssPeakMB, peakInFlight: s.peakInFlight }
+        })
+        const key = `${connections}|${v.name}`
+        runs.set(key, [...(runs.get(key) ?? []), run])
+        progress(`storm ${connections} connections, ${v.name} ${r + 1}/${repeats}: ${run.okPerS.toFixed(0)} 2xx/s, ${run.rejectedPerS.toFixed(0)} 503/s, p99 2xx ${run.p99.toFixed(1)} ms`)
+      }
+    }
+  }
+  const med = (key: string, field: keyof Run) => median((runs.get(key) ?? []).map((r) => r[field]))
+  const rows: Array<Array<string | number>> = []
+  for (const connections of list('storm-connections')) {
+    const bare = med(`${connections}|bare Fastify`, 'okPerS')
+    // The best a limit of maxConcurrency can do, or what the server does without one if less.
+    const best = Math.min(ideal, bare)
+    for (const v of variants) {
+      const key = `${connections}|${v.name}`
+      rows.push([connections, v.name, round(med(key, 'okPerS'), 0), round(100 * med(key, 'okPerS') / best), round(med(key, 'rejectedPerS'), 0), round(med(key, 'errors'), 0), round(med(key, 'p50')), round(med(key, 'p99')), round(med(key, 'eldP99')), round(med(key, 'rssPeakMB')), round(med(key, 'peakInFlight'), 0)])
+    }
+  }
+  const table: Table = {
+    title: `Retry storm, closed loop (every refusal retried at once; route waits ${base.serviceTime} ms; maxConcurrency ${base.maxConcurrency}, maxQueue ${base.maxQueue}; ideal = min(${ideal}/s, bare); ${duration} s x ${repeats}, medians)`,
+    columns: ['connections', 'variant', '2xx/s', '% of ideal', '503/s', 'errors + timeouts', 'p50 2xx ms (server)', 'p99 2xx ms (server)', 'ELD p99 ms', 'RSS peak MB', 'peak in-flight'],
+    rows
+  }
+  return { scenario: 'retry-storm', title: 'Retry storm', options: { ...base, duration, repeats }, machine, tables: [table], charts: [], data: Object.fromEntries(runs) }
 }
 
 async function explosion (): Promise<ScenarioResult> {
@@ -311,6 +417,12 @@ switch (scenario) {
     break
   case 'goodput':
     save(await goodput())
+    break
+  case 'reject-cost':
+    save(await rejectCost())
+    break
+  case 'retry-storm':
+    save(await storm())
     break
   case 'threads':
     save(await threads())

@@ -11,14 +11,18 @@ import { Worker } from 'node:worker_threads'
 import { Pool as HttpPool } from 'undici'
 import { Piscina } from 'piscina'
 import concurrencyLimit from 'fastify-concurrency-limit'
+import { summarize } from './stats.js'
 
 export interface ServerSettings {
-  variant: 'bare' | 'plugin'
+  /** raw: node:http answering 503 (raw-server.ts). */
+  variant: 'bare' | 'plugin' | 'raw'
   serviceTime: number
   memoryKiB: number
   maxConcurrency: number
   maxQueue: number
   queueTimeout: number
+  /** More plugin options (the mechanisms of the retry-storm scenario). */
+  plugin?: Record<string, unknown>
   /** CPU milliseconds of one /cpu-* request. */
   cpuMs?: number
   /** Threads of the /cpu-pool pool (default: cores). */
@@ -34,6 +38,8 @@ export interface ServerStats {
   cpuMicros: number
   threadsPeak: number
   plugin: unknown
+  /** Server-side arrival-to-finish latency of 2xx answers of /work. */
+  okLatency: { count: number, p50: number, p99: number, max: number }
 }
 
 const settings = JSON.parse(process.argv[2] ?? '{}') as ServerSettings
@@ -42,9 +48,22 @@ if (settings.variant === 'plugin') {
   await app.register(concurrencyLimit, {
     maxConcurrency: settings.maxConcurrency,
     maxQueue: settings.maxQueue,
-    queueTimeout: settings.queueTimeout
+    queueTimeout: settings.queueTimeout,
+    groups: { saturated: { maxConcurrency: 1, maxQueue: 0 } },
+    ...settings.plugin
   })
 }
+
+// Arrival-to-finish time of each 2xx answer of /work, measured here so that
+// a saturated load generator cannot inflate it. A fixed-size reservoir.
+const okLatencies = new Float64Array(200_000)
+let okCount = 0
+const kStarted = Symbol('started')
+app.decorateRequest(kStarted as unknown as string, 0)
+app.addHook('onRequest', (request, _reply, done) => {
+  (request as unknown as Record<symbol, number>)[kStarted] = performance.now()
+  done()
+})
 
 let requests = 0
 let inFlight = 0
@@ -68,9 +87,26 @@ setInterval(sampleRss, 50).unref()
 
 app.get('/hello', async () => 'hello')
 
+// The cost of a rejection. Fastify answering a fixed 503 from onRequest:
+const BODY_503 = '{"statusCode":503,"code":"FST_CONCURRENCY_LIMIT_QUEUE_FULL","error":"Service Unavailable","message":"Too many requests in flight and the queue is full, retry later"}'
+app.get('/early-503', {
+  config: { concurrencyLimit: false },
+  onRequest: (_request, reply, _done) => {
+    reply.code(503).header('retry-after', 1).type('application/json; charset=utf-8').send(BODY_503)
+  }
+}, async () => 'unreachable')
+// The plugin's rejection: a pool of one slot, taken for good by /saturate.
+app.get('/saturate', { config: { concurrencyLimit: { group: 'saturated' } } }, () => { /* never answers */ })
+app.get('/rejected', { config: { concurrencyLimit: { group: 'saturated' } } }, async () => 'unreachable')
+
 // A route that waits on a simulated downstream and holds memory meanwhile,
 // as a request that calls a database or another service does.
-app.get('/work', async () => {
+app.get('/work', async (request, reply) => {
+  reply.raw.once('finish', () => {
+    if (reply.statusCode < 300 && okCount < okLatencies.length) {
+      okLatencies[okCount++] = performance.now() - (request as unknown as Record<symbol, number>)[kStarted]
+    }
+  })
   requests++
   inFlight++
   if (inFlight > peakInFlight) peakInFlight = inFlight
@@ -148,7 +184,8 @@ function stats (): ServerStats {
     eventLoopDelayP99Ms: eld.percentile(99) / 1e6,
     cpuMicros: cpu.user + cpu.system,
     threadsPeak,
-    plugin: settings.variant === 'plugin' ? app.concurrencyLimit.stats() : null
+    plugin: settings.variant === 'plugin' ? app.concurrencyLimit.stats() : null,
+    okLatency: { count: okCount, ...summarize(Array.from(okLatencies.subarray(0, okCount))) }
   }
 }
 
@@ -159,6 +196,7 @@ process.on('message', (message: { type: string }) => {
     peakInFlight = inFlight
     rssPeak = 0
     threadsPeak = 0
+    okCount = 0
     eld.reset()
     cpuMark = process.cpuUsage()
     process.send?.({ type: 'reset' })

@@ -4,6 +4,7 @@ import { fileURLToPath } from 'node:url'
 import type { ServerSettings, ServerStats } from './server.js'
 
 const serverPath = fileURLToPath(new URL('./server.js', import.meta.url))
+const rawServerPath = fileURLToPath(new URL('./raw-server.js', import.meta.url))
 
 /** A target server in a child process. */
 export class Target {
@@ -16,7 +17,7 @@ export class Target {
   }
 
   static async start (settings: ServerSettings): Promise<Target> {
-    const child = fork(serverPath, [JSON.stringify(settings)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+    const child = fork(settings.variant === 'raw' ? rawServerPath : serverPath, [JSON.stringify(settings)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
     const [message] = await once(child, 'message') as [{ type: string, port: number }]
     return new Target(child, message.port)
   }

@@ -41,7 +41,11 @@ const invalid: Array<[string, unknown, RegExp]> = [
   ['retryAfter Infinity', { retryAfter: Infinity }, /retryAfter must be .*, received Infinity$/],
   ['retryAfter string', { retryAfter: '5' }, /retryAfter must be .*, received "5"$/],
   ['errorResponseBuilder object', { errorResponseBuilder: {} }, /errorResponseBuilder must be a function, received \{\}$/],
-  ['unknown key', { maxConcurency: 10 }, /maxConcurency is not an option \(expected one of maxConcurrency, maxQueue, queueTimeout, global, hook, statusCode, retryAfter, errorResponseBuilder, groups\)$/],
+  ['unknown key', { maxConcurency: 10 }, /maxConcurency is not an option \(expected one of maxConcurrency, maxQueue, queueTimeout, global, hook, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject\)$/],
+  ['rejectDelay negative', { rejectDelay: -1 }, /rejectDelay must be a number of milliseconds from 0 to 2147483647, received -1$/],
+  ['rejectDelay string', { rejectDelay: '1s' }, /rejectDelay must be .*, received "1s"$/],
+  ['maxHeldRejections fraction', { maxHeldRejections: 1.5 }, /maxHeldRejections must be an integer >= 0, received 1.5$/],
+  ['closeOnReject string', { closeOnReject: 'yes' }, /closeOnReject must be a boolean, received "yes"$/],
   ['options array', [1], /the options must be an object, received \[1\]$/],
   ['options class instance', new Date(0), /the options must be an object, received "1970-01-01T00:00:00.000Z"$/],
   ['groups array', { groups: [] }, /groups must be an object of pool settings by name, received \[\]$/],
@@ -74,6 +78,7 @@ t.test('valid options, including the edges', async (t) => {
   t.equal(await registerWith({}), null)
   t.equal(await registerWith(Object.create(null)), null)
   t.equal(await registerWith({ maxConcurrency: 1, maxQueue: 0, queueTimeout: 0, statusCode: 429, retryAfter: 0, global: false, hook: 'preHandler' }), null)
+  t.equal(await registerWith({ rejectDelay: 0, maxHeldRejections: 0, closeOnReject: true }), null)
   t.equal(await registerWith({ queueTimeout: 2 ** 31 - 1, retryAfter: () => 1, errorResponseBuilder: () => ({}), groups: { a: {}, b: { maxQueue: 3 } } }), null)
 })
 

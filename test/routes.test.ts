@@ -170,10 +170,13 @@ for (const hook of ['onRequest', 'preParsing', 'preValidation', 'preHandler'] as
     const order = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
     const reached = stages.filter((s) => s.endsWith('/b')).map((s) => s.split(' ')[0])
     t.same(reached, order.slice(0, order.indexOf(hook) + 1), `the queued request stopped at ${hook}`)
+    const c = await pool.request({ path: '/b', method: 'POST', body: '{"n":3}', headers: { 'content-type': 'application/json' } })
+    t.equal(c.statusCode, 503, `a third is refused at ${hook}`)
+    await c.body.dump()
     gauge.open()
     t.same(await (await a).body.json(), { n: 1 })
     t.same(await (await b).body.json(), { n: 2 }, 'and went on with its body intact')
-    t.match(app.concurrencyLimit.stats(), { inFlight: 0, admitted: 2, completed: 2 })
+    t.match(app.concurrencyLimit.stats(), { inFlight: 0, admitted: 2, completed: 2, rejected: { queueFull: 1 } })
   })
 }
 
