@@ -31,6 +31,12 @@ export const QueueTimeoutError = createError(
   503
 )
 
+export const ConnectionLimitError = createError(
+  'FST_CONCURRENCY_LIMIT_CONNECTIONS',
+  'Too many open connections, retry later',
+  503
+)
+
 export const ClosingError = createError(
   'FST_CONCURRENCY_LIMIT_CLOSING',
   'The server is shutting down, retry on another instance',

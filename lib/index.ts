@@ -6,14 +6,18 @@ import type {
   RouteOptions
 } from 'fastify'
 import fp from 'fastify-plugin'
+import { ConnectionGuard, type ConnectionStats } from './connection-guard.js'
+import { InvalidOptionError } from './errors.js'
 import type { LimiterStats } from './limiter.js'
 import { resolveOptions, resolveRouteConfig, type ConcurrencyLimitOptions, type HookName, type RouteConcurrencyLimitConfig } from './options.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
 import { Ticket, ticketOf } from './ticket.js'
 
+export type { ConnectionStats } from './connection-guard.js'
 export {
   ClosingError,
+  ConnectionLimitError,
   InvalidOptionError,
   QueueFullError,
   QueueTimeoutError,
@@ -37,6 +41,8 @@ export interface ConcurrencyLimitDecorator {
   stats (pool?: string): PoolStats
   /** Stats of every pool: the plugin's, each group and each route with its own settings. */
   pools (): PoolStats[]
+  /** Open and refused connections, with `maxConnections` set; else null. */
+  connections (): ConnectionStats | null
 }
 
 declare module 'fastify' {
@@ -57,9 +63,18 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
   const pools = new Pools(options)
   const rejecter = new Rejecter(options)
 
+  let guard: ConnectionGuard | null = null
+  if (options.maxConnections !== undefined) {
+    if (fastify.initialConfig.http2 === true) {
+      throw new InvalidOptionError('maxConnections works with HTTP/1 servers only: an HTTP/2 connection carries many requests')
+    }
+    guard = new ConnectionGuard(fastify.server, options.maxConnections, options.statusCode)
+  }
+
   const decorator: ConcurrencyLimitDecorator = {
     stats: (pool = DEFAULT_POOL) => pools.stats(pool),
-    pools: () => pools.all()
+    pools: () => pools.all(),
+    connections: () => guard?.stats() ?? null
   }
   fastify.decorate('concurrencyLimit', decorator)
 
@@ -68,6 +83,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
   fastify.addHook('preClose', (done) => {
     pools.close()
     rejecter.drain()
+    guard?.close()
     done()
   })
 

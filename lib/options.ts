@@ -58,6 +58,11 @@ export interface ConcurrencyLimitOptions extends PoolOptions {
   maxHeldRejections?: number
   /** Send `Connection: close` with every refusal. Default false. */
   closeOnReject?: boolean
+  /**
+   * Most open connections of the server; one more gets a canned 503 and is
+   * closed. Integer >= 1. Default: no bound.
+   */
+  maxConnections?: number
 }
 
 /** `config.concurrencyLimit` of a route. */
@@ -77,6 +82,7 @@ export interface ResolvedOptions {
   rejectDelay: number
   maxHeldRejections: number
   closeOnReject: boolean
+  maxConnections: number | undefined
   /** Pool settings as given at plugin level; unset fields are filled per pool. */
   pool: PoolOptions
   groups: Map<string, PoolOptions>
@@ -91,7 +97,7 @@ const MAX_TIMEOUT = 2 ** 31 - 1
 
 const HOOKS: readonly HookName[] = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
 const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout'] as const
-const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'global', 'hook', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject'])
+const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'global', 'hook', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject', 'maxConnections'])
 const ROUTE_KEYS = new Set<string>([...POOL_KEYS, 'group', 'hook'])
 const GROUP_KEYS = new Set<string>(POOL_KEYS)
 
@@ -154,7 +160,7 @@ export function resolveOptions (options: unknown): ResolvedOptions {
   if (!isPlainObject(opts)) fail('', 'the options', 'an object', opts)
   checkKeys('', opts, PLUGIN_KEYS)
 
-  const { global, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject } = opts
+  const { global, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject, maxConnections } = opts
   if (global !== undefined && typeof global !== 'boolean') fail('', 'global', 'a boolean', global)
   if (statusCode !== undefined &&
     !(Number.isInteger(statusCode) && (statusCode as number) >= 400 && (statusCode as number) <= 599 &&
@@ -176,6 +182,9 @@ export function resolveOptions (options: unknown): ResolvedOptions {
     fail('', 'maxHeldRejections', 'an integer >= 0', maxHeldRejections)
   }
   if (closeOnReject !== undefined && typeof closeOnReject !== 'boolean') fail('', 'closeOnReject', 'a boolean', closeOnReject)
+  if (maxConnections !== undefined && !(Number.isSafeInteger(maxConnections) && (maxConnections as number) >= 1)) {
+    fail('', 'maxConnections', 'an integer >= 1', maxConnections)
+  }
 
   const resolvedGroups = new Map<string, PoolOptions>()
   if (groups !== undefined) {
@@ -197,6 +206,7 @@ export function resolveOptions (options: unknown): ResolvedOptions {
     rejectDelay: (rejectDelay as number | undefined) ?? DEFAULT_REJECT_DELAY,
     maxHeldRejections: (maxHeldRejections as number | undefined) ?? DEFAULT_MAX_HELD_REJECTIONS,
     closeOnReject: (closeOnReject as boolean | undefined) ?? false,
+    maxConnections: maxConnections as number | undefined,
     pool: checkPool('', opts),
     groups: resolvedGroups
   }
