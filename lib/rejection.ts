@@ -5,18 +5,23 @@ import type { Limiter, RejectReason } from './limiter.js'
 import type { Rejection, ResolvedOptions } from './options.js'
 import { RejectDelay } from './reject-delay.js'
 
-const ERRORS = {
-  queueFull: QueueFullError,
-  queueTimeout: QueueTimeoutError,
-  closing: ClosingError
-} as const
+function codeAndMessage (ErrorClass: new () => { code: string, message: string }): { code: string, message: string } {
+  const { code, message } = new ErrorClass()
+  return { code, message }
+}
+
+const REASONS: Record<RejectReason, { code: string, message: string }> = {
+  queueFull: codeAndMessage(QueueFullError),
+  queueTimeout: codeAndMessage(QueueTimeoutError),
+  closing: codeAndMessage(ClosingError)
+}
 
 const JSON_TYPE = 'application/json; charset=utf-8'
 
 /**
- * Answers the requests a pool turns away. Bodies are serialized once per
- * pool and reason, so a rejection costs no serialization and no allocation
- * beyond Fastify's own reply.
+ * Answers the requests the pools turn away. The default bodies are
+ * serialized once, at registration, so a refusal costs no serialization and
+ * no allocation beyond Fastify's own reply.
  */
 export class Rejecter {
   readonly #options: ResolvedOptions
@@ -30,10 +35,9 @@ export class Rejecter {
       : null
     const statusCode = options.statusCode
     const error = STATUS_CODES[statusCode] as string
-    const body = (reason: RejectReason): string => {
-      const { code, message } = new ERRORS[reason]()
-      return JSON.stringify({ statusCode, code, error, message })
-    }
+    // Fastify's own error body, in its order.
+    const body = (reason: RejectReason): string =>
+      JSON.stringify({ statusCode, code: REASONS[reason].code, error, message: REASONS[reason].message })
     this.#bodies = { queueFull: body('queueFull'), queueTimeout: body('queueTimeout'), closing: body('closing') }
   }
 
@@ -93,7 +97,7 @@ export class Rejecter {
 }
 
 function describe (limiter: Limiter, reason: RejectReason, statusCode: number): Rejection {
-  const { code, message } = new ERRORS[reason]()
+  const { code, message } = REASONS[reason]
   return {
     reason,
     code,

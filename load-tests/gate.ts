@@ -21,10 +21,25 @@ export interface GateInput {
   moderate: { errors: number, timeouts: number, non2xx: number }
   /** Minimum goodput at 10x, as a fraction of capacity. */
   minGoodputRatio: number
+  /** Closed-loop retry storm, bare and plugin, 2xx per second. */
+  storm: { bareOkPerS: number, pluginOkPerS: number, ideal: number, minRatio: number }
 }
 
 export function capacity (maxConcurrency: number, serviceTimeMs: number): number {
   return maxConcurrency / (serviceTimeMs / 1000)
+}
+
+/**
+ * Under a retry storm the plugin must serve at least `minRatio` of what is
+ * possible: the ideal of its limit, or what bare Fastify serves if less.
+ */
+function stormCheck (storm: GateInput['storm']): Check {
+  const expected = Math.min(storm.ideal, storm.bareOkPerS) * storm.minRatio
+  return {
+    name: `retry storm: plugin goodput >= ${storm.minRatio} x min(ideal, bare)`,
+    pass: storm.pluginOkPerS >= expected,
+    detail: `plugin ${storm.pluginOkPerS.toFixed(0)}/s, bare ${storm.bareOkPerS.toFixed(0)}/s, ideal ${storm.ideal.toFixed(0)}/s, needed ${expected.toFixed(0)}/s`
+  }
 }
 
 export function checkGate (input: GateInput): Check[] {
@@ -47,6 +62,7 @@ export function checkGate (input: GateInput): Check[] {
       pass: input.overload.p99OkMs <= latencyBound,
       detail: `p99 ${input.overload.p99OkMs.toFixed(1)} ms, bound ${latencyBound} ms`
     },
+    stormCheck(input.storm),
     {
       name: 'no socket errors at moderate load',
       pass: input.moderate.errors === 0 && input.moderate.timeouts === 0 && input.moderate.non2xx === 0,

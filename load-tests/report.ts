@@ -62,7 +62,7 @@ export function svgChart (chart: Chart): string {
   const px = (x: number) => m.l + ((fx(x) - x0) / ((x1 - x0) || 1)) * (w - m.l - m.r)
   const py = (y: number) => h - m.b - (y / y1) * (h - m.t - m.b)
   const ticks = [...new Set(all.map((p) => p[0]))].sort((a, b) => a - b)
-  let svg = `<svg xmlns="http://www.w3.org/2000/svg" width="${w}" height="${h}" font-family="sans-serif" font-size="11">`
+  let svg = `<svg xmlns="http://www.w3.org/2000/svg" width="${w}" height="${h}" font-family="sans-serif" font-size="11"><rect width="${w}" height="${h}" fill="#fff"/>`
   svg += `<text x="${w / 2 - m.r / 2}" y="16" text-anchor="middle" font-size="13">${chart.title}</text>`
   svg += `<line x1="${m.l}" y1="${h - m.b}" x2="${w - m.r}" y2="${h - m.b}" stroke="#444"/><line x1="${m.l}" y1="${m.t}" x2="${m.l}" y2="${h - m.b}" stroke="#444"/>`
   for (const x of ticks.length > 12 ? ticks.filter((_, i) => i % Math.ceil(ticks.length / 12) === 0) : ticks) {
@@ -97,10 +97,12 @@ function escape (s: string): string {
   return s.replace(/&/g, '&amp;').replace(/</g, '&lt;')
 }
 
-/** Writes report.html from every scenario JSON in the results folder. */
+/** Writes report.html and summary.md from every scenario JSON in the results folder. */
 export function writeHtmlReport (dir: string): string {
   const results = readdirSync(dir).filter((f) => f.endsWith('.json')).sort()
     .map((f) => JSON.parse(readFileSync(join(dir, f), 'utf8')) as ScenarioResult)
+  const summary = results.map((r) => `## ${r.title}\n\n${r.machine.cores} cores, Node ${r.machine.node}, ${r.machine.date}\n\n${r.tables.map(markdownTable).join('\n')}`).join('\n')
+  writeFileSync(join(dir, 'summary.md'), summary)
   let html = '<!doctype html><meta charset="utf-8"><title>fastify-concurrency-limit load tests</title>'
   html += '<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}</style>'
   html += '<h1>fastify-concurrency-limit load tests</h1>'

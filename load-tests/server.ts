@@ -1,7 +1,7 @@
 // A target server, run in its own process by the load-test runner. The
 // runner passes its settings as JSON in argv[2] and talks to it over IPC:
 // 'ready' with the port once listening, then 'stats' on request.
-import Fastify from 'fastify'
+import Fastify, { type FastifyReply, type FastifyRequest } from 'fastify'
 import { readdirSync } from 'node:fs'
 import { availableParallelism } from 'node:os'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
@@ -21,6 +21,13 @@ export interface ServerSettings {
   maxConcurrency: number
   maxQueue: number
   queueTimeout: number
+  /**
+   * Parallel calls the simulated downstream serves (a database pool, say);
+   * more wait in its own unbounded queue. 0: no limit, a fixed latency.
+   */
+  downstreamConcurrency?: number
+  /** Add an empty onRequest and an empty onResponse hook: the bench's yardstick. */
+  emptyHooks?: boolean
   /** More plugin options (the mechanisms of the retry-storm scenario). */
   plugin?: Record<string, unknown>
   /** CPU milliseconds of one /cpu-* request. */
@@ -65,6 +72,14 @@ app.addHook('onRequest', (request, _reply, done) => {
   done()
 })
 
+function recordOk (request: FastifyRequest, reply: FastifyReply): void {
+  reply.raw.once('finish', () => {
+    if (reply.statusCode < 300 && okCount < okLatencies.length) {
+      okLatencies[okCount++] = performance.now() - (request as unknown as Record<symbol, number>)[kStarted]
+    }
+  })
+}
+
 let requests = 0
 let inFlight = 0
 let peakInFlight = 0
@@ -85,6 +100,13 @@ function sampleRss (): void {
 }
 setInterval(sampleRss, 50).unref()
 
+if (settings.emptyHooks === true) {
+  app.register(async (scope) => {
+    scope.addHook('onRequest', (_request, _reply, done) => { done() })
+    scope.addHook('onResponse', (_request, _reply, done) => { done() })
+    scope.get('/hello-hooks', async () => 'hello')
+  })
+}
 app.get('/hello', async () => 'hello')
 
 // The cost of a rejection. Fastify answering a fixed 503 from onRequest:
@@ -99,20 +121,58 @@ app.get('/early-503', {
 app.get('/saturate', { config: { concurrencyLimit: { group: 'saturated' } } }, () => { /* never answers */ })
 app.get('/rejected', { config: { concurrencyLimit: { group: 'saturated' } } }, async () => 'unreachable')
 
+// The simulated downstream: at most `slots` calls at once, each taking
+// `serviceTime`; the rest wait in an unbounded FIFO, as callers of a
+// saturated database pool do. It serves calls whose client left, too.
+class Downstream {
+  readonly slots: number
+  active = 0
+  readonly #waiting: Array<() => void> = []
+  #head = 0
+
+  constructor (slots: number) {
+    this.slots = slots
+  }
+
+  async call (ms: number): Promise<void> {
+    if (this.slots > 0) {
+      if (this.active >= this.slots) await new Promise<void>((resolve) => this.#waiting.push(resolve))
+      else this.active++
+    }
+    try {
+      await sleep(ms)
+    } finally {
+      if (this.slots > 0) this.#next()
+    }
+  }
+
+  #next (): void {
+    if (this.#head < this.#waiting.length) {
+      const resolve = this.#waiting[this.#head]
+      this.#waiting[this.#head++] = noop
+      if (this.#head > 1024 && this.#head * 2 > this.#waiting.length) {
+        this.#waiting.splice(0, this.#head)
+        this.#head = 0
+      }
+      resolve() // the slot passes on
+    } else {
+      this.active--
+    }
+  }
+}
+function noop (): void {}
+const downstream = new Downstream(settings.downstreamConcurrency ?? 0)
+
 // A route that waits on a simulated downstream and holds memory meanwhile,
 // as a request that calls a database or another service does.
 app.get('/work', async (request, reply) => {
-  reply.raw.once('finish', () => {
-    if (reply.statusCode < 300 && okCount < okLatencies.length) {
-      okLatencies[okCount++] = performance.now() - (request as unknown as Record<symbol, number>)[kStarted]
-    }
-  })
+  recordOk(request, reply)
   requests++
   inFlight++
   if (inFlight > peakInFlight) peakInFlight = inFlight
   const held = Buffer.alloc(settings.memoryKiB * 1024, 1)
   try {
-    await sleep(settings.serviceTime)
+    await downstream.call(settings.serviceTime)
     return { ok: held[held.length - 1] === 1 }
   } finally {
     inFlight--
@@ -126,7 +186,8 @@ const cpuMs = settings.cpuMs ?? 5
 const poolThreads = settings.poolThreads ?? availableParallelism()
 const piscina = new Piscina({ filename: workerPath, minThreads: poolThreads, maxThreads: poolThreads, maxQueue: poolThreads * 4 })
 
-app.get('/cpu-thread', async () => {
+app.get('/cpu-thread', async (request, reply) => {
+  recordOk(request, reply)
   requests++
   inFlight++
   if (inFlight > peakInFlight) peakInFlight = inFlight
@@ -142,7 +203,8 @@ app.get('/cpu-thread', async () => {
   }
 })
 
-app.get('/cpu-pool', { config: { concurrencyLimit: { maxConcurrency: poolThreads * 2, maxQueue: poolThreads * 8 } } }, async (_request, reply) => {
+app.get('/cpu-pool', { config: { concurrencyLimit: { maxConcurrency: poolThreads * 2, maxQueue: poolThreads * 8 } } }, async (request, reply) => {
+  recordOk(request, reply)
   requests++
   inFlight++
   if (inFlight > peakInFlight) peakInFlight = inFlight

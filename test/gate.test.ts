@@ -9,7 +9,8 @@ const good: GateInput = {
   peakInFlight: 10,
   overload: { goodputPerS: 480, p99OkMs: 230, errors: 0 },
   moderate: { errors: 0, timeouts: 0, non2xx: 0 },
-  minGoodputRatio: 0.9
+  minGoodputRatio: 0.9,
+  storm: { bareOkPerS: 18000, pluginOkPerS: 4500, ideal: 5000, minRatio: 0.85 }
 }
 
 const failing = (input: GateInput) => checkGate(input).filter((c) => !c.pass).map((c) => c.name)
@@ -21,20 +22,25 @@ t.test('capacity is maxConcurrency / service time', async (t) => {
 
 t.test('a healthy run passes every check', async (t) => {
   t.same(failing(good), [])
-  t.equal(checkGate(good).length, 4)
+  t.equal(checkGate(good).length, 5)
 })
 
 t.test('each broken invariant fails its own check', async (t) => {
   t.same(failing({ ...good, peakInFlight: 11 }), ['peak in-flight <= maxConcurrency'])
   t.same(failing({ ...good, overload: { ...good.overload, goodputPerS: 440 } }), ['goodput at 10x >= 90% of capacity'])
   t.same(failing({ ...good, overload: { ...good.overload, p99OkMs: 321 } }), ['p99 of admitted requests <= queueTimeout + service time + margin'])
+  t.same(failing({ ...good, storm: { ...good.storm, pluginOkPerS: 4200 } }), ['retry storm: plugin goodput >= 0.85 x min(ideal, bare)'])
+  // When bare Fastify serves less than the ideal, the bar is what bare serves.
+  t.same(failing({ ...good, storm: { ...good.storm, bareOkPerS: 3000, pluginOkPerS: 2600 } }), [])
+  t.same(failing({ ...good, storm: { ...good.storm, bareOkPerS: 3000, pluginOkPerS: 2500 } }), ['retry storm: plugin goodput >= 0.85 x min(ideal, bare)'])
   t.same(failing({ ...good, moderate: { errors: 1, timeouts: 0, non2xx: 0 } }), ['no socket errors at moderate load'])
   t.same(failing({ ...good, moderate: { errors: 0, timeouts: 2, non2xx: 0 } }), ['no socket errors at moderate load'])
   t.same(failing({ ...good, moderate: { errors: 0, timeouts: 0, non2xx: 5 } }), ['no socket errors at moderate load'])
 })
 
 t.test('details quote the figures', async (t) => {
-  const [peak, goodput, p99] = checkGate(good)
+  const [peak, goodput, p99, storm] = checkGate(good)
+  t.equal(storm.detail, 'plugin 4500/s, bare 18000/s, ideal 5000/s, needed 4250/s')
   t.equal(peak.detail, 'peak 10, limit 10')
   t.equal(goodput.detail, '480/s of 500/s = 96.0%')
   t.equal(p99.detail, 'p99 230.0 ms, bound 320 ms')

@@ -34,6 +34,7 @@ t.test('at most maxConcurrency handlers run at once; the queue is FIFO; the rest
   // Nothing had completed yet, so no drain rate: the hint is queueTimeout.
   t.equal(refused.headers['retry-after'], '5')
   t.equal(refused.headers['content-type'], 'application/json; charset=utf-8')
+  t.equal(refused.body, '{"statusCode":503,"code":"FST_CONCURRENCY_LIMIT_QUEUE_FULL","error":"Service Unavailable","message":"Too many requests in flight and the queue is full, retry later"}', "Fastify's error body, in its order")
   t.same(JSON.parse(refused.body), {
     statusCode: 503,
     code: 'FST_CONCURRENCY_LIMIT_QUEUE_FULL',

@@ -4,6 +4,7 @@ import concurrencyLimit, {
   fastifyConcurrencyLimit,
   QueueFullError,
   type ConcurrencyLimitOptions,
+  type ConnectionStats,
   type PoolStats,
   type RejectReason,
   type RejectionWithRetry
@@ -32,6 +33,7 @@ app.register(concurrencyLimit, {
   groups: { reports: { maxConcurrency: 2 } }
 })
 app.register(concurrencyLimit, { retryAfter: 2 })
+app.register(concurrencyLimit, { rejectDelay: 0, maxHeldRejections: 100, closeOnReject: true, maxConnections: 5000 })
 
 // Wrong option types do not compile.
 expectError(app.register(concurrencyLimit, { maxConcurrency: '100' }))
@@ -43,6 +45,9 @@ expectError(app.register(concurrencyLimit, { retryAfter: () => 'soon' }))
 expectError(app.register(concurrencyLimit, { global: 'yes' }))
 expectError(app.register(concurrencyLimit, { groups: { a: { hook: 'onRequest' } } }))
 expectError(app.register(concurrencyLimit, { maxConcurency: 10 }))
+expectError(app.register(concurrencyLimit, { rejectDelay: '1s' }))
+expectError(app.register(concurrencyLimit, { closeOnReject: 1 }))
+expectError(app.register(concurrencyLimit, { maxConnections: '10' }))
 
 // Route config is typed.
 app.get('/report', { config: { concurrencyLimit: { maxConcurrency: 2, maxQueue: 10 } } }, async () => 'x')
@@ -63,6 +68,8 @@ expectType<number>(stats.queued)
 expectType<number>(stats.rejected.queueFull)
 expectType<number>(stats.queueWait.meanMs)
 expectError(app.concurrencyLimit.stats(1))
+expectType<number>(stats.heldRejections)
+expectType<ConnectionStats | null>(app.concurrencyLimit.connections())
 
 // Errors carry their codes.
 expectType<'FST_CONCURRENCY_LIMIT_QUEUE_FULL'>(new QueueFullError().code)
