@@ -49,6 +49,14 @@ export interface Chart {
 
 const COLORS = ['#d62728', '#1f77b4', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b']
 
+/** The smallest 1, 2, 2.5 or 5 x 10^k at or above `value`: an axis top with round ticks. */
+export function niceCeil (value: number): number {
+  if (!(value > 0)) return 1
+  const pow = 10 ** Math.floor(Math.log10(value))
+  const n = value / pow
+  return (n <= 1 ? 1 : n <= 2 ? 2 : n <= 2.5 ? 2.5 : n <= 5 ? 5 : 10) * pow
+}
+
 export function svgChart (chart: Chart): string {
   const w = 640
   const h = 320
@@ -58,7 +66,7 @@ export function svgChart (chart: Chart): string {
   const xs = all.map((p) => fx(p[0]))
   const x0 = Math.min(...xs)
   const x1 = Math.max(...xs)
-  const y1 = Math.max(...all.map((p) => p[1])) * 1.1 || 1
+  const y1 = niceCeil(Math.max(...all.map((p) => p[1])))
   const px = (x: number) => m.l + ((fx(x) - x0) / ((x1 - x0) || 1)) * (w - m.l - m.r)
   const py = (y: number) => h - m.b - (y / y1) * (h - m.t - m.b)
   const ticks = [...new Set(all.map((p) => p[0]))].sort((a, b) => a - b)
@@ -68,9 +76,9 @@ export function svgChart (chart: Chart): string {
   for (const x of ticks.length > 12 ? ticks.filter((_, i) => i % Math.ceil(ticks.length / 12) === 0) : ticks) {
     svg += `<text x="${px(x)}" y="${h - m.b + 14}" text-anchor="middle">${x}</text>`
   }
-  for (let i = 0; i <= 4; i++) {
-    const y = (y1 / 4) * i
-    svg += `<line x1="${m.l}" y1="${py(y)}" x2="${w - m.r}" y2="${py(y)}" stroke="#eee"/><text x="${m.l - 4}" y="${py(y) + 4}" text-anchor="end">${y >= 100 ? y.toFixed(0) : y.toFixed(1)}</text>`
+  for (let i = 0; i <= 5; i++) {
+    const y = (y1 / 5) * i
+    svg += `<line x1="${m.l}" y1="${py(y)}" x2="${w - m.r}" y2="${py(y)}" stroke="#eee"/><text x="${m.l - 4}" y="${py(y) + 4}" text-anchor="end">${Number.isInteger(y) ? y : y.toFixed(1)}</text>`
   }
   svg += `<text x="${(m.l + w - m.r) / 2}" y="${h - 8}" text-anchor="middle">${chart.x}</text>`
   svg += `<text x="14" y="${(m.t + h - m.b) / 2}" text-anchor="middle" transform="rotate(-90 14 ${(m.t + h - m.b) / 2})">${chart.y}</text>`
@@ -101,6 +109,7 @@ function escape (s: string): string {
 export function writeHtmlReport (dir: string): string {
   const results = readdirSync(dir).filter((f) => f.endsWith('.json')).sort()
     .map((f) => JSON.parse(readFileSync(join(dir, f), 'utf8')) as ScenarioResult)
+  for (const r of results) r.charts.forEach((chart, i) => writeFileSync(join(dir, `${r.scenario}-${i + 1}.svg`), svgChart(chart)))
   const summary = results.map((r) => `## ${r.title}\n\n${r.machine.cores} cores, Node ${r.machine.node}, ${r.machine.date}\n\n${r.tables.map(markdownTable).join('\n')}`).join('\n')
   writeFileSync(join(dir, 'summary.md'), summary)
   let html = '<!doctype html><meta charset="utf-8"><title>fastify-concurrency-limit load tests</title>'
