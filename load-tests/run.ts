@@ -9,6 +9,7 @@
 //   all         every scenario above but bench, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { mkdirSync, writeFileSync } from 'node:fs'
+import { execSync } from 'node:child_process'
 import { availableParallelism } from 'node:os'
 import { parseArgs } from 'node:util'
 import { fileURLToPath } from 'node:url'
@@ -65,6 +66,19 @@ const base = settingsBase
 const duration = num('duration')
 const machine = { cores: availableParallelism(), node: process.version, platform: process.platform, date: new Date().toISOString() }
 const resultsDir = String(values.results)
+
+// Each connection is a file descriptor in the generator and one in the
+// server. Node cannot raise its own limit: the npm scripts try (ulimit -n).
+function checkFdLimit (connections: number): void {
+  let limit = Infinity
+  try {
+    const out = execSync('ulimit -n', { shell: '/bin/sh', encoding: 'utf8' }).trim()
+    if (out !== 'unlimited') limit = Number(out)
+  } catch {}
+  if (limit < connections + 512) {
+    progress(`the open-file limit is ${limit}: runs above ${limit - 512} connections will see connection errors (raise it with ulimit -n, the OS refused more)`)
+  }
+}
 
 function progress (message: string): void {
   process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${message}\n`)
@@ -416,6 +430,7 @@ async function ci (): Promise<boolean> {
 }
 
 const scenario = positionals[0] ?? 'all'
+checkFdLimit(Math.max(...list('connections'), ...list('storm-connections'), 2048))
 switch (scenario) {
   case 'bench':
     save(await bench())
