@@ -6,8 +6,8 @@ import { build, listen, waitFor, sleep, Gauge } from './helpers/server.js'
 // Thousands of requests over real sockets that end every way a request can:
 // replies, throws, rejections, hijacks, streams, POST bodies, and clients that
 // leave at random moments. Afterwards every pool must be empty, and a burst
-// must be admitted up to exactly maxConcurrency. CHAOS_REQUESTS=100000 runs
-// the long version by hand.
+// must be admitted up to exactly maxConcurrency. The long version, by hand:
+//   CHAOS_REQUESTS=100000 npx tap --timeout=900 test/chaos.test.ts
 const TOTAL = Number(process.env.CHAOS_REQUESTS ?? 2000)
 const WORKERS = 64
 const MODES = ['ok', 'callback', 'throw', 'reject', 'hijack', 'stream', 'post', 'late-error'] as const
