@@ -1,0 +1,90 @@
+// What every scenario shares: the command-line flags, the machine, progress
+// output, saving results, and target servers in child processes.
+import { execSync } from 'node:child_process'
+import { mkdirSync, writeFileSync } from 'node:fs'
+import { availableParallelism } from 'node:os'
+import { parseArgs } from 'node:util'
+import { fileURLToPath } from 'node:url'
+import { printTable, stepSummary, type ScenarioResult } from './report.js'
+import { Target } from './target.js'
+import type { ServerSettings } from './server.js'
+
+export const { values, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    'service-time': { type: 'string', default: '20' },
+    'memory-kib': { type: 'string', default: '64' },
+    'max-concurrency': { type: 'string', default: '100' },
+    'max-queue': { type: 'string', default: '100' },
+    'queue-timeout': { type: 'string', default: '1000' },
+    connections: { type: 'string', default: '10,100,1000,5000' },
+    rates: { type: 'string', default: '0.5,1,2,5,10,25,50' },
+    // Open loop: the generator needs about one core for 10k requests/s, so
+    // 50x capacity must stay near that: 10 slots / 50 ms = 200/s by default.
+    'goodput-max-concurrency': { type: 'string', default: '10' },
+    'goodput-service-time': { type: 'string', default: '50' },
+    'thread-connections': { type: 'string', default: '10,100,500' },
+    'cpu-ms': { type: 'string', default: '5' },
+    'storm-connections': { type: 'string', default: '1000,5000' },
+    // Long enough for steady state: the first second of a storm is all refusals.
+    'storm-duration': { type: 'string', default: '10' },
+    duration: { type: 'string', default: '5' },
+    repeats: { type: 'string', default: '3' },
+    'client-timeout': { type: 'string', default: '1000' },
+    results: { type: 'string', default: fileURLToPath(new URL('../results', import.meta.url)) }
+  }
+})
+
+export function num (name: keyof typeof values): number {
+  const value = Number(values[name])
+  if (!Number.isFinite(value) || value < 0) throw new Error(`--${name} must be a number >= 0, got ${String(values[name])}`)
+  return value
+}
+export const list = (name: 'connections' | 'rates' | 'thread-connections' | 'storm-connections') => String(values[name]).split(',').map(Number)
+
+export const settingsBase: ServerSettings = {
+  variant: 'plugin',
+  serviceTime: num('service-time'),
+  memoryKiB: num('memory-kib'),
+  maxConcurrency: num('max-concurrency'),
+  maxQueue: num('max-queue'),
+  queueTimeout: num('queue-timeout')
+}
+export const duration = num('duration')
+export const machine = { cores: availableParallelism(), node: process.version, platform: process.platform, date: new Date().toISOString() }
+export const resultsDir = String(values.results)
+
+// Each connection is a file descriptor in the generator and one in the
+// server. Node cannot raise its own limit: the npm scripts try (ulimit -n).
+export function checkFdLimit (connections: number): void {
+  let limit = Infinity
+  try {
+    const out = execSync('ulimit -n', { shell: '/bin/sh', encoding: 'utf8' }).trim()
+    if (out !== 'unlimited') limit = Number(out)
+  } catch {}
+  if (limit < connections + 512) {
+    progress(`the open-file limit is ${limit}: runs above ${limit - 512} connections will see connection errors (raise it with ulimit -n, the OS refused more)`)
+  }
+}
+
+export function progress (message: string): void {
+  process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${message}\n`)
+}
+
+export function save (result: ScenarioResult): void {
+  mkdirSync(resultsDir, { recursive: true })
+  writeFileSync(`${resultsDir}/${result.scenario}.json`, JSON.stringify(result, null, 2) + '\n')
+  for (const table of result.tables) printTable(table)
+  stepSummary(result.tables)
+}
+
+export async function withTarget<T> (settings: ServerSettings, fn: (target: Target) => Promise<T>): Promise<T> {
+  const target = await Target.start(settings)
+  try {
+    return await fn(target)
+  } finally {
+    await target.stop()
+  }
+}
+
+export const round = (x: number, digits = 1) => Math.round(x * 10 ** digits) / 10 ** digits

@@ -1,0 +1,28 @@
+import { measureCost, type CostVariant } from '../cost.js'
+import { duration, machine, num, round, settingsBase as base } from '../lab.js'
+import type { ScenarioResult, Table } from '../report.js'
+import { median } from '../stats.js'
+
+export async function bench (): Promise<ScenarioResult> {
+  const repeats = num('repeats')
+  const connections = 50
+  const variants: CostVariant[] = [
+    { name: 'bare Fastify', settings: { ...base, variant: 'bare' }, path: '/hello' },
+    { name: 'with the plugin', settings: { ...base, variant: 'plugin', maxConcurrency: 10_000, maxQueue: 0 }, path: '/hello' },
+    // The yardstick: what two empty hooks cost, measured the same way.
+    { name: 'two empty hooks, no plugin', settings: { ...base, variant: 'bare', emptyHooks: true }, path: '/hello-hooks' }
+  ]
+  const figures = await measureCost(variants, repeats, connections)
+  const bare = figures.get(variants[0].name) as { rps: number[], cpu: number[] }
+  const table: Table = {
+    title: `Overhead on hello-world (${connections} connections, ${duration} s x ${repeats}, interleaved, medians of per-round ratios)`,
+    columns: ['variant', 'req/s', 'server CPU µs/req', 'req/s ratio', 'CPU/req ratio'],
+    rows: variants.map((v) => {
+      const f = figures.get(v.name) as { rps: number[], cpu: number[] }
+      const rpsRatio = median(f.rps.map((x, i) => x / bare.rps[i]))
+      const cpuRatio = median(f.cpu.map((x, i) => x / bare.cpu[i]))
+      return [v.name, round(median(f.rps), 0), round(median(f.cpu), 2), rpsRatio.toFixed(3), cpuRatio.toFixed(3)]
+    })
+  }
+  return { scenario: 'bench', title: 'Overhead benchmark', options: { connections, duration, repeats }, machine, tables: [table], charts: [], data: Object.fromEntries(figures) }
+}

@@ -1,0 +1,42 @@
+import { closedLoop } from '../closedloop.js'
+import { capacity, checkGate } from '../gate.js'
+import { progress, settingsBase as base, withTarget } from '../lab.js'
+import { openLoop } from '../openloop.js'
+import { printTable, stepSummary, type Table } from '../report.js'
+import type { ServerSettings } from '../server.js'
+
+export async function ci (): Promise<boolean> {
+  // Small enough for a 2-core CI machine to offer 10x capacity in open loop.
+  const settings: ServerSettings = { ...base, variant: 'plugin', maxConcurrency: 10, maxQueue: 10, queueTimeout: 200, serviceTime: 20 }
+  const cap = capacity(settings.maxConcurrency, settings.serviceTime)
+  const { moderate, overload, peakInFlight } = await withTarget(settings, async (target) => {
+    progress('gate: moderate closed loop (5 connections, 3 s)')
+    const moderate = await closedLoop(`${target.origin}/work`, 5, 3)
+    progress(`gate: open loop at 10x capacity (${cap * 10}/s, 6 s)`)
+    const overload = await openLoop({ url: `${target.origin}/work`, rate: cap * 10, durationS: 6, timeoutMs: 1000, connections: 2048 })
+    const s = await target.stats()
+    return { moderate, overload, peakInFlight: s.peakInFlight }
+  })
+  // Retry storm: the plugin against bare Fastify in the same run.
+  const stormSettings: ServerSettings = { ...base, maxConcurrency: 100, maxQueue: 100, queueTimeout: 1000, serviceTime: 20 }
+  const storm: Record<string, number> = {}
+  for (const variant of ['bare', 'plugin'] as const) {
+    progress(`gate: retry storm, ${variant} (1000 connections, 8 s)`)
+    storm[variant] = await withTarget({ ...stormSettings, variant }, async (target) => (await closedLoop(`${target.origin}/work`, 1000, 8)).okPerS)
+  }
+  const checks = checkGate({
+    ...settings,
+    latencyMarginMs: 100,
+    peakInFlight,
+    overload: { goodputPerS: overload.goodputPerS, p99OkMs: overload.latencyOk.p99, errors: overload.errors },
+    moderate: { errors: moderate.errors, timeouts: moderate.timeouts, non2xx: Math.round(moderate.rejectedPerS * moderate.durationS) },
+    minGoodputRatio: 0.9,
+    storm: { bareOkPerS: storm.bare, pluginOkPerS: storm.plugin, ideal: capacity(stormSettings.maxConcurrency, stormSettings.serviceTime), minRatio: 0.85 }
+  })
+  const table: Table = { title: 'Load-test gate', columns: ['check', 'result', 'figures'], rows: checks.map((c) => [c.name, c.pass ? 'pass' : 'FAIL', c.detail]) }
+  printTable(table)
+  stepSummary([table])
+  const failed = checks.filter((c) => !c.pass).length
+  console.log(`gate: ${checks.length - failed} passed, ${failed} failed`)
+  return failed === 0
+}

@@ -1,0 +1,54 @@
+import { closedLoop } from '../closedloop.js'
+import { capacity } from '../gate.js'
+import { list, machine, num, progress, round, settingsBase as base, withTarget } from '../lab.js'
+import type { ScenarioResult, Table } from '../report.js'
+import type { ServerSettings } from '../server.js'
+import { median } from '../stats.js'
+
+export async function storm (): Promise<ScenarioResult> {
+  const repeats = num('repeats')
+  const stormDuration = num('storm-duration')
+  const ideal = capacity(base.maxConcurrency, base.serviceTime)
+  const variants: Array<{ name: string, settings: ServerSettings }> = [
+    { name: 'bare Fastify', settings: { ...base, variant: 'bare' } },
+    { name: 'plugin, defaults (rejectDelay 1000)', settings: { ...base, variant: 'plugin' } },
+    { name: 'plugin, no delay', settings: { ...base, variant: 'plugin', plugin: { rejectDelay: 0 } } },
+    { name: 'plugin, no delay, closeOnReject', settings: { ...base, variant: 'plugin', plugin: { rejectDelay: 0, closeOnReject: true } } },
+    { name: 'plugin, rejectDelay 250', settings: { ...base, variant: 'plugin', plugin: { rejectDelay: 250 } } }
+  ]
+  type Run = { okPerS: number, rejectedPerS: number, errors: number, p50: number, p99: number, eldP99: number, rssPeakMB: number, peakInFlight: number }
+  const runs = new Map<string, Run[]>()
+  for (const connections of list('storm-connections')) {
+    for (let r = 0; r < repeats; r++) {
+      const order = r % 2 === 0 ? variants : [...variants].reverse()
+      for (const v of order) {
+        const run = await withTarget(v.settings, async (target) => {
+          await target.reset()
+          const res = await closedLoop(`${target.origin}/work`, connections, stormDuration)
+          const s = await target.stats()
+          return { okPerS: res.okPerS, rejectedPerS: res.rejectedPerS, errors: res.errors + res.timeouts, p50: s.okLatency.p50, p99: s.okLatency.p99, eldP99: s.eventLoopDelayP99Ms, rssPeakMB: s.rssPeakMB, peakInFlight: s.peakInFlight }
+        })
+        const key = `${connections}|${v.name}`
+        runs.set(key, [...(runs.get(key) ?? []), run])
+        progress(`storm ${connections} connections, ${v.name} ${r + 1}/${repeats}: ${run.okPerS.toFixed(0)} 2xx/s, ${run.rejectedPerS.toFixed(0)} 503/s, p99 2xx ${run.p99.toFixed(1)} ms`)
+      }
+    }
+  }
+  const med = (key: string, field: keyof Run) => median((runs.get(key) ?? []).map((r) => r[field]))
+  const rows: Array<Array<string | number>> = []
+  for (const connections of list('storm-connections')) {
+    const bare = med(`${connections}|bare Fastify`, 'okPerS')
+    // The best a limit of maxConcurrency can do, or what the server does without one if less.
+    const best = Math.min(ideal, bare)
+    for (const v of variants) {
+      const key = `${connections}|${v.name}`
+      rows.push([connections, v.name, round(med(key, 'okPerS'), 0), round(100 * med(key, 'okPerS') / best), round(med(key, 'rejectedPerS'), 0), round(med(key, 'errors'), 0), round(med(key, 'p50')), round(med(key, 'p99')), round(med(key, 'eldP99')), round(med(key, 'rssPeakMB')), round(med(key, 'peakInFlight'), 0)])
+    }
+  }
+  const table: Table = {
+    title: `Retry storm, closed loop (every refusal retried at once; route waits ${base.serviceTime} ms; maxConcurrency ${base.maxConcurrency}, maxQueue ${base.maxQueue}; ideal = min(${ideal}/s, bare); ${stormDuration} s x ${repeats}, medians)`,
+    columns: ['connections', 'variant', '2xx/s', '% of ideal', '503/s', 'errors + timeouts', 'p50 2xx ms (server)', 'p99 2xx ms (server)', 'ELD p99 ms', 'RSS peak MB', 'peak in-flight'],
+    rows
+  }
+  return { scenario: 'retry-storm', title: 'Retry storm', options: { ...base, duration: stormDuration, repeats }, machine, tables: [table], charts: [], data: Object.fromEntries(runs) }
+}
