@@ -15,8 +15,8 @@ export interface GateInput {
   latencyMarginMs: number
   /** Peak in-flight seen inside the handler, over the whole run. */
   peakInFlight: number
-  /** Open loop at 10x capacity. */
-  overload: { goodputPerS: number, p99OkMs: number, errors: number }
+  /** Open loop at 10x capacity; p99 of 2xx in the server, and as the client saw it. */
+  overload: { goodputPerS: number, p99OkMs: number, clientP99OkMs: number, errors: number }
   /** Closed loop at a load the server carries. */
   moderate: { errors: number, timeouts: number, non2xx: number }
   /** Minimum goodput at 10x, as a fraction of capacity. */
@@ -60,7 +60,7 @@ export function checkGate (input: GateInput): Check[] {
     {
       name: 'p99 of admitted requests <= queueTimeout + service time + margin',
       pass: input.overload.p99OkMs <= latencyBound,
-      detail: `p99 ${input.overload.p99OkMs.toFixed(1)} ms, bound ${latencyBound} ms`
+      detail: `p99 ${input.overload.p99OkMs.toFixed(1)} ms in the server (${input.overload.clientP99OkMs.toFixed(1)} ms at the client), bound ${latencyBound} ms`
     },
     stormCheck(input.storm),
     {

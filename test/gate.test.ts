@@ -7,7 +7,7 @@ const good: GateInput = {
   queueTimeout: 200,
   latencyMarginMs: 100,
   peakInFlight: 10,
-  overload: { goodputPerS: 480, p99OkMs: 230, errors: 0 },
+  overload: { goodputPerS: 480, p99OkMs: 230, clientP99OkMs: 260, errors: 0 },
   moderate: { errors: 0, timeouts: 0, non2xx: 0 },
   minGoodputRatio: 0.9,
   storm: { bareOkPerS: 18000, pluginOkPerS: 4500, ideal: 5000, minRatio: 0.85 }
@@ -43,5 +43,5 @@ t.test('details quote the figures', async (t) => {
   t.equal(storm.detail, 'plugin 4500/s, bare 18000/s, ideal 5000/s, needed 4250/s')
   t.equal(peak.detail, 'peak 10, limit 10')
   t.equal(goodput.detail, '480/s of 500/s = 96.0%')
-  t.equal(p99.detail, 'p99 230.0 ms, bound 320 ms')
+  t.equal(p99.detail, 'p99 230.0 ms in the server (260.0 ms at the client), bound 320 ms')
 })
