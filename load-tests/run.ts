@@ -6,10 +6,12 @@
 //   deadlock    a route calling its own server: shared pool vs queue timeout vs separate pools
 //   reject-cost server CPU of a refusal against the floor (node:http) and a Fastify 200
 //   retry-storm closed loop that retries every refusal at once: bare vs the plugin's mechanisms
+//   backlog     5,000 new connections against listen backlogs of 511 and 4096 (nstat counters)
 //   all         every scenario above but bench, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
 import { writeHtmlReport } from './report.js'
+import { backlog } from './scenarios/backlog.js'
 import { bench } from './scenarios/bench.js'
 import { ci } from './scenarios/ci.js'
 import { deadlock } from './scenarios/deadlock.js'
@@ -40,6 +42,9 @@ switch (scenario) {
   case 'threads':
     save(await threads())
     break
+  case 'backlog':
+    save(await backlog())
+    break
   case 'deadlock':
     save(await deadlock())
     break
@@ -50,6 +55,7 @@ switch (scenario) {
     save(await deadlock())
     save(await rejectCost())
     save(await storm())
+    save(await backlog())
     progress(`report: ${writeHtmlReport(resultsDir)}`)
     break
   case 'report':
@@ -59,6 +65,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, all, report or ci`)
     process.exitCode = 2
 }

@@ -26,6 +26,8 @@ export interface ServerSettings {
    * more wait in its own unbounded queue. 0: no limit, a fixed latency.
    */
   downstreamConcurrency?: number
+  /** The listen backlog (default 4096). */
+  backlog?: number
   /** Add an empty onRequest and an empty onResponse hook: the bench's yardstick. */
   emptyHooks?: boolean
   /** More plugin options (the mechanisms of the retry-storm scenario). */
@@ -268,7 +270,7 @@ process.on('disconnect', () => { process.exit(0) })
 
 // A large backlog: the kernel's accept queue, not this process, would
 // otherwise turn connections away during the connection sweep.
-await app.listen({ host: '127.0.0.1', port: 0, backlog: 4096 })
+await app.listen({ host: '127.0.0.1', port: 0, backlog: settings.backlog ?? 4096 })
 const address = app.server.address()
 const port = typeof address === 'object' && address !== null ? address.port : 0
 selfCall.pool = new HttpPool(`http://127.0.0.1:${port}`, { connections: 1024 })
