@@ -26,6 +26,7 @@ export const { values, positionals } = parseArgs({
     'thread-connections': { type: 'string', default: '10,100,500' },
     'cpu-ms': { type: 'string', default: '5' },
     'storm-connections': { type: 'string', default: '1000,5000' },
+    'memory-connections': { type: 'string', default: '1000,4000' },
     // Long enough for steady state: the first second of a storm is all refusals.
     'storm-duration': { type: 'string', default: '10' },
     duration: { type: 'string', default: '5' },
@@ -40,7 +41,7 @@ export function num (name: keyof typeof values): number {
   if (!Number.isFinite(value) || value < 0) throw new Error(`--${name} must be a number >= 0, got ${String(values[name])}`)
   return value
 }
-export const list = (name: 'connections' | 'rates' | 'thread-connections' | 'storm-connections') => String(values[name]).split(',').map(Number)
+export const list = (name: 'connections' | 'rates' | 'thread-connections' | 'storm-connections' | 'memory-connections') => String(values[name]).split(',').map(Number)
 
 export const settingsBase: ServerSettings = {
   variant: 'plugin',
@@ -78,8 +79,8 @@ export function save (result: ScenarioResult): void {
   stepSummary(result.tables)
 }
 
-export async function withTarget<T> (settings: ServerSettings, fn: (target: Target) => Promise<T>): Promise<T> {
-  const target = await Target.start(settings)
+export async function withTarget<T> (settings: ServerSettings, fn: (target: Target) => Promise<T>, execArgv?: string[]): Promise<T> {
+  const target = await Target.start(settings, execArgv)
   try {
     return await fn(target)
   } finally {

@@ -7,6 +7,7 @@
 //   reject-cost server CPU of a refusal against the floor (node:http) and a Fastify 200
 //   retry-storm closed loop that retries every refusal at once: bare vs the plugin's mechanisms
 //   backlog     5,000 new connections against listen backlogs of 511 and 4096 (nstat counters)
+//   memory      live memory per connection: idle, queued, refusal held back
 //   all         every scenario above but bench, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
@@ -17,12 +18,13 @@ import { ci } from './scenarios/ci.js'
 import { deadlock } from './scenarios/deadlock.js'
 import { explosion } from './scenarios/explosion.js'
 import { goodput } from './scenarios/goodput.js'
+import { memory } from './scenarios/memory.js'
 import { rejectCost } from './scenarios/reject-cost.js'
 import { storm } from './scenarios/retry-storm.js'
 import { threads } from './scenarios/threads.js'
 
 const scenario = positionals[0] ?? 'all'
-checkFdLimit(Math.max(...list('connections'), ...list('storm-connections'), 2048))
+checkFdLimit(Math.max(...list('connections'), ...list('storm-connections'), ...list('memory-connections'), 2048))
 switch (scenario) {
   case 'bench':
     save(await bench())
@@ -48,6 +50,9 @@ switch (scenario) {
   case 'deadlock':
     save(await deadlock())
     break
+  case 'memory':
+    save(await memory())
+    break
   case 'all':
     save(await explosion())
     save(await goodput())
@@ -56,6 +61,7 @@ switch (scenario) {
     save(await rejectCost())
     save(await storm())
     save(await backlog())
+    save(await memory())
     progress(`report: ${writeHtmlReport(resultsDir)}`)
     break
   case 'report':
@@ -65,6 +71,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, all, report or ci`)
     process.exitCode = 2
 }

@@ -51,6 +51,18 @@ export interface ServerStats {
   okLatency: { count: number, p50: number, p99: number, max: number }
 }
 
+export interface ServerMemory {
+  /** False when the process was started without --expose-gc: figures include garbage. */
+  collected: boolean
+  heapUsedMB: number
+  /** Buffers and other memory outside the JS heap. */
+  externalMB: number
+  rssMB: number
+  connections: number
+  queued: number
+  heldRejections: number
+}
+
 const settings = JSON.parse(process.argv[2] ?? '{}') as ServerSettings
 const app = Fastify({ logger: false, forceCloseConnections: true, keepAliveTimeout: 30_000 })
 if (settings.variant === 'plugin') {
@@ -122,6 +134,12 @@ app.get('/early-503', {
 // The plugin's rejection: a pool of one slot, taken for good by /saturate.
 app.get('/saturate', { config: { concurrencyLimit: { group: 'saturated' } } }, () => { /* never answers */ })
 app.get('/rejected', { config: { concurrencyLimit: { group: 'saturated' } } }, async () => 'unreachable')
+// What a waiter costs: one slot, taken for minutes by the first request, and
+// a queue deep enough for every later one.
+app.get('/queued', { config: { concurrencyLimit: { maxConcurrency: 1, maxQueue: 100_000, queueTimeout: 600_000 } } }, async () => {
+  await sleep(600_000, undefined, { ref: false })
+  return 'late'
+})
 
 // The simulated downstream: at most `slots` calls at once, each taking
 // `serviceTime`; the rest wait in an unbounded FIFO, as callers of a
@@ -253,8 +271,29 @@ function stats (): ServerStats {
   }
 }
 
+/** Live memory after a full collection (run with --expose-gc), and what holds it. */
+async function memory (): Promise<ServerMemory> {
+  const gc = (globalThis as { gc?: () => void }).gc
+  // Twice: the first pass can leave objects that only a second one frees.
+  gc?.()
+  gc?.()
+  const usage = process.memoryUsage()
+  const connections = await new Promise<number>((resolve) => { app.server.getConnections((_err, count) => { resolve(count) }) })
+  const pools = settings.variant === 'plugin' ? app.concurrencyLimit.pools() : []
+  return {
+    collected: gc !== undefined,
+    heapUsedMB: usage.heapUsed / 2 ** 20,
+    externalMB: (usage.external + usage.arrayBuffers) / 2 ** 20,
+    rssMB: usage.rss / 2 ** 20,
+    connections,
+    queued: pools.reduce((sum, p) => sum + p.queued, 0),
+    heldRejections: pools.reduce((sum, p) => sum + p.heldRejections, 0)
+  }
+}
+
 process.on('message', (message: { type: string }) => {
   if (message.type === 'stats') process.send?.({ type: 'stats', stats: stats() })
+  if (message.type === 'memory') memory().then((m) => process.send?.({ type: 'memory', memory: m }), (err: Error) => { console.error(err) })
   if (message.type === 'reset') {
     requests = 0
     peakInFlight = inFlight

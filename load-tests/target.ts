@@ -1,7 +1,7 @@
 import { fork, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
-import type { ServerSettings, ServerStats } from './server.js'
+import type { ServerMemory, ServerSettings, ServerStats } from './server.js'
 
 const serverPath = fileURLToPath(new URL('./server.js', import.meta.url))
 const rawServerPath = fileURLToPath(new URL('./raw-server.js', import.meta.url))
@@ -16,8 +16,8 @@ export class Target {
     this.origin = `http://127.0.0.1:${port}`
   }
 
-  static async start (settings: ServerSettings): Promise<Target> {
-    const child = fork(settings.variant === 'raw' ? rawServerPath : serverPath, [JSON.stringify(settings)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+  static async start (settings: ServerSettings, execArgv: string[] = []): Promise<Target> {
+    const child = fork(settings.variant === 'raw' ? rawServerPath : serverPath, [JSON.stringify(settings)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: [...process.execArgv, ...execArgv] })
     const [message] = await once(child, 'message') as [{ type: string, port: number }]
     return new Target(child, message.port)
   }
@@ -36,6 +36,10 @@ export class Target {
 
   async stats (): Promise<ServerStats> {
     return (await this.#ask<{ stats: ServerStats }>('stats')).stats
+  }
+
+  async memory (): Promise<ServerMemory> {
+    return (await this.#ask<{ memory: ServerMemory }>('memory')).memory
   }
 
   async stop (): Promise<void> {
