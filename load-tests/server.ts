@@ -283,7 +283,8 @@ async function memory (): Promise<ServerMemory> {
   return {
     collected: gc !== undefined,
     heapUsedMB: usage.heapUsed / 2 ** 20,
-    externalMB: (usage.external + usage.arrayBuffers) / 2 ** 20,
+    // external already includes arrayBuffers (Buffers among them).
+    externalMB: usage.external / 2 ** 20,
     rssMB: usage.rss / 2 ** 20,
     connections,
     queued: pools.reduce((sum, p) => sum + p.queued, 0),

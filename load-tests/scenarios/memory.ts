@@ -45,13 +45,13 @@ async function measure (target: Target, state: State, n: number): Promise<Server
     }
     if (state === 'queued') {
       fetch(`${target.origin}/queued`, { signal: holder.signal }).catch(() => {})
-      Promise.allSettled(wave(agent, `${target.origin}/queued`, n)).catch(() => {})
+      Promise.allSettled(wave(agent, `${target.origin}/queued`, n))
       return await until(target, (m) => m.queued >= n, 10_000)
     }
     fetch(`${target.origin}/saturate`, { signal: holder.signal }).catch(() => {})
     await sleep(100)
     for (let i = 0; i < heldWaves; i++) await Promise.all(wave(agent, `${target.origin}/rejected`, n))
-    Promise.allSettled(wave(agent, `${target.origin}/rejected`, n)).catch(() => {})
+    Promise.allSettled(wave(agent, `${target.origin}/rejected`, n))
     return await until(target, (m) => m.heldRejections >= n, 2000)
   } finally {
     holder.abort()
