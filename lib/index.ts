@@ -12,7 +12,7 @@ import type { LimiterStats } from './limiter.js'
 import { resolveOptions, resolveRouteConfig, type ConcurrencyLimitOptions, type HookName, type RouteConcurrencyLimitConfig } from './options.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
-import { Ticket, ticketOf } from './ticket.js'
+import { Ticket, ticketOf, type Admission } from './ticket.js'
 
 export type { ConnectionStats } from './connection-guard.js'
 export {
@@ -59,6 +59,12 @@ type Done = (err?: Error | null, payload?: unknown) => void
 type Handler = (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply) => unknown
 
 const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts) => {
+  // A second registration on the same instance would stand in front of the
+  // first on every route; a child context may have its own (see `key`).
+  if (Object.prototype.hasOwnProperty.call(fastify, 'concurrencyLimit')) {
+    throw new InvalidOptionError('the plugin is registered twice on the same instance: register it once and use groups or ' +
+      'route config for other limits, or register the second one inside a child context (fastify.register(async (child) => ...))')
+  }
   const options = resolveOptions(opts)
   const pools = new Pools(options)
   const rejecter = new Rejecter(options)
@@ -87,38 +93,67 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     done()
   })
 
+  // One key per registration: a request that passes through two of them
+  // (one at the root, another in a child context) holds a ticket of each.
+  const key = Symbol('fastify-concurrency-limit.ticket')
+  let routesSeen = 0
+
   fastify.addHook('onRoute', (route: RouteOptions) => {
+    routesSeen++
     const routeName = `${[route.method].flat().join(',')} ${route.url}`
     const config = route.config?.concurrencyLimit
     const resolved = resolveRouteConfig(routeName, config, options.global)
     if (resolved === null) return
-    const limiter = pools.forRoute(routeName, config as object, resolved)
+    const admission: Admission = { limiter: pools.forRoute(routeName, config as object, resolved), rejecter, key }
     const stage: HookName = resolved.hook ?? options.hook
 
     // Route-level hooks run after the instance's own hooks of the same stage;
     // ours goes first among them so that a refused request costs no more.
-    // A request refused at once costs no allocation and no listener.
+    // A request refused at once costs no allocation and no listener. The
+    // hook's name is what route printouts show.
     const admit = stage === 'preParsing'
-      ? (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: Done) => {
-          const reason = limiter.refuse()
-          if (reason === null) new Ticket(limiter, rejecter, request, reply, done, payload).start()
-          else rejecter.reject(limiter, request, reply, reason)
-        }
-      : (request: FastifyRequest, reply: FastifyReply, done: Done) => {
-          const reason = limiter.refuse()
-          if (reason === null) new Ticket(limiter, rejecter, request, reply, done, undefined).start()
-          else rejecter.reject(limiter, request, reply, reason)
-        }
+      ? function concurrencyLimit (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: Done): void {
+        const reason = admission.limiter.refuse()
+        if (reason === null) new Ticket(admission, request, reply, done, payload).start()
+        else rejecter.reject(admission.limiter, request, reply, reason)
+      }
+      : function concurrencyLimit (request: FastifyRequest, reply: FastifyReply, done: Done): void {
+        const reason = admission.limiter.refuse()
+        if (reason === null) new Ticket(admission, request, reply, done, undefined).start()
+        else rejecter.reject(admission.limiter, request, reply, reason)
+      }
     const existing = route[stage] as unknown
     const hooks = existing === undefined ? [] : Array.isArray(existing) ? existing : [existing]
     ;(route as unknown as Record<HookName, unknown[]>)[stage] = [admit, ...hooks]
-    route.handler = limitHandler(route.handler as Handler) as RouteOptions['handler']
+    route.handler = limitHandler(route.handler as Handler, key, routeName) as RouteOptions['handler']
+  })
+
+  // Registered without `await` before the routes were added, the plugin
+  // never sees them: say so rather than limit nothing in silence.
+  fastify.addHook('onReady', function (done) {
+    // Fastify lists no routes but prints them; a method in parentheses marks one.
+    if (routesSeen === 0 && /\([A-Z]+[,)]/.test(fastify.printRoutes({ commonPrefix: false }))) {
+      fastify.log.warn('fastify-concurrency-limit limits no route: it was registered after the routes were added. ' +
+        'Register it with `await fastify.register(...)` before adding routes.')
+    }
+    done()
   })
 }
 
-function limitHandler (handler: Handler): Handler {
+function limitHandler (handler: Handler, key: symbol, routeName: string): Handler {
+  let warned = false
   return function limited (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply): unknown {
-    const ticket = ticketOf(reply) as Ticket
+    const ticket = ticketOf(reply, key)
+    if (ticket === undefined) {
+      // Another plugin's onRoute hook replaced the route's hooks after ours
+      // ran, and the admission hook with them: serve, unlimited, and say so.
+      if (!warned) {
+        warned = true
+        request.log.warn(`fastify-concurrency-limit: route ${routeName} lost its admission hook ` +
+          '(another onRoute hook replaced the route\'s hooks); its requests are not limited')
+      }
+      return handler.call(this, request, reply)
+    }
     // The client left while the request was admitted but before the handler
     // began (during an async hook or the body read): skip work no one awaits.
     if (ticket.responseClosed) return undefined

@@ -1,24 +1,56 @@
 import type { ServerResponse } from 'node:http'
+import type { Http2Stream } from 'node:http2'
+import type { Socket } from 'node:net'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { Limiter, RejectReason, Waiter } from './limiter.js'
 import type { Rejecter } from './rejection.js'
-
-export const kTicket = Symbol('fastify-concurrency-limit.ticket')
 
 const QUEUED = 0
 const ADMITTED = 1
 const RELEASED = 2
 
 type Done = (err?: Error | null, payload?: unknown) => void
-type TrackedResponse = ServerResponse & { [kTicket]?: Ticket }
+
+/**
+ * What every request of one limited route shares: its pool, how it is
+ * refused, and the key under which its tickets are kept on the raw response.
+ * The key belongs to one registration of the plugin, so that a request that
+ * passes through two registrations (one at the root, one in a child context)
+ * holds a ticket of each, released apart.
+ */
+export interface Admission {
+  readonly limiter: Limiter
+  readonly rejecter: Rejecter
+  readonly key: symbol
+}
+
+const kOpenTickets = Symbol('fastify-concurrency-limit.open-tickets')
+type TrackedSocket = Socket & { [kOpenTickets]?: Set<Ticket> }
 
 /**
  * One request's claim on a pool, from the hook that asks for a slot to the
- * release of that slot. The slot is held until both the response has closed
- * (sent, aborted, hijacked and ended: the raw response's 'close' is the one
- * signal Node gives in every case) and the route handler has settled: a
- * handler that outlives its client is still work in flight. The state moves
- * only forward, so the slot is given back exactly once.
+ * release of that slot. The slot is held until both the request has ended
+ * and the route handler has settled: a handler that outlives its client is
+ * still work in flight. The state moves only forward and `responseClose` is
+ * idempotent, so the slot is given back exactly once however many of the
+ * ending signals below arrive.
+ *
+ * The ending signal, read from Node's http server and http2 compat layer:
+ * - HTTP/1.1: the raw response's 'close' covers a response that is attached
+ *   to its socket (sent, failed, hijacked and ended, or the client gone:
+ *   `onServerResponseClose` emits it from the socket's 'close'). With
+ *   pipelining, the responses queued behind the attached one are not
+ *   attached: when the client leaves, Node 20 and 22 destroy their requests
+ *   (`abortIncoming`) but never emit their response's 'close'. The socket's
+ *   own 'close' is emitted once for every connection, so the tickets of all
+ *   requests open on a socket are kept in one set, with one listener per
+ *   socket, and ended together when it closes.
+ * - HTTP/2: `request.raw.socket` stands for the whole session. Each request
+ *   is a stream, and a stream is destroyed, and emits 'close' once, however
+ *   it ends: a response sent, RST_STREAM from the client, the session
+ *   destroyed, or a GOAWAY whose last stream id is below it. A stream that
+ *   ended while an earlier hook ran is seen by `destroyed`
+ *   (`Http2ServerResponse` has no `closed`).
  */
 export class Ticket implements Waiter {
   prev: Waiter | null = null
@@ -30,17 +62,16 @@ export class Ticket implements Waiter {
   responseClosed = false
   handlerPending = false
 
-  readonly limiter: Limiter
-  readonly rejecter: Rejecter
+  readonly admission: Admission
   readonly request: FastifyRequest
   readonly reply: FastifyReply
   readonly done: Done
   /** The body stream, when the slot is asked for in preParsing. */
   readonly payload: unknown
+  #socketTickets: Set<Ticket> | null = null
 
-  constructor (limiter: Limiter, rejecter: Rejecter, request: FastifyRequest, reply: FastifyReply, done: Done, payload: unknown) {
-    this.limiter = limiter
-    this.rejecter = rejecter
+  constructor (admission: Admission, request: FastifyRequest, reply: FastifyReply, done: Done, payload: unknown) {
+    this.admission = admission
     this.request = request
     this.reply = reply
     this.done = done
@@ -52,12 +83,26 @@ export class Ticket implements Waiter {
    * `limiter.refuse()` that one of them is free.
    */
   start (): void {
-    const res: TrackedResponse = this.reply.raw
-    // The client left while an earlier hook ran: there is no one to serve.
-    if (res.closed) return
-    res[kTicket] = this
-    res.on('close', onResponseClose)
-    const limiter = this.limiter
+    // The client left while an earlier hook ran: there is no one to serve,
+    // and no ending signal will come for it.
+    if (this.gone()) return
+    const res = this.reply.raw as ServerResponse & Record<symbol, unknown>
+    res[this.admission.key] = this
+    const stream = streamOf(this.request)
+    if (stream !== undefined) {
+      stream.once('close', this.responseClose)
+    } else {
+      res.once('close', this.responseClose)
+      const socket = this.request.raw.socket as TrackedSocket
+      let open = socket[kOpenTickets]
+      if (open === undefined) {
+        open = socket[kOpenTickets] = new Set()
+        socket.once('close', onSocketClose)
+      }
+      open.add(this)
+      this.#socketTickets = open
+    }
+    const limiter = this.admission.limiter
     if (limiter.tryAcquire()) {
       this.state = ADMITTED
       this.continue()
@@ -67,10 +112,18 @@ export class Ticket implements Waiter {
     this.state = QUEUED
   }
 
+  /**
+   * True once the client can no longer be answered. The 'close' events come
+   * a tick after the socket or stream is destroyed: this sees it in between.
+   */
+  gone (): boolean {
+    const stream = streamOf(this.request)
+    if (stream !== undefined) return stream.destroyed
+    return this.request.raw.socket.destroyed || (this.reply.raw as ServerResponse).closed
+  }
+
   admit (): boolean {
-    // 'close' is emitted a tick after the socket is destroyed: a waiter can
-    // reach the head of the queue in between.
-    if (this.request.raw.socket.destroyed) {
+    if (this.gone()) {
       this.state = RELEASED
       return false
     }
@@ -81,7 +134,7 @@ export class Ticket implements Waiter {
 
   reject (reason: RejectReason): void {
     this.state = RELEASED
-    this.rejecter.reject(this.limiter, this.request, this.reply, reason)
+    this.admission.rejecter.reject(this.admission.limiter, this.request, this.reply, reason)
   }
 
   handlerStarted (result: PromiseLike<unknown>): void {
@@ -93,11 +146,15 @@ export class Ticket implements Waiter {
     result.then(settled, settled)
   }
 
-  responseClose (): void {
+  /** The request has ended (see the class comment). Safe to call more than once. */
+  readonly responseClose = (): void => {
+    if (this.responseClosed) return
     this.responseClosed = true
+    this.#socketTickets?.delete(this)
+    this.#socketTickets = null
     if (this.state === QUEUED) {
       this.state = RELEASED
-      this.limiter.abandon(this)
+      this.admission.limiter.abandon(this)
     } else if (!this.handlerPending) {
       this.release()
     }
@@ -106,7 +163,7 @@ export class Ticket implements Waiter {
   release (): void {
     if (this.state !== ADMITTED) return
     this.state = RELEASED
-    this.limiter.release()
+    this.admission.limiter.release()
   }
 
   continue (): void {
@@ -115,11 +172,17 @@ export class Ticket implements Waiter {
   }
 }
 
-function onResponseClose (this: TrackedResponse): void {
-  (this[kTicket] as Ticket).responseClose()
+function onSocketClose (this: TrackedSocket): void {
+  const open = this[kOpenTickets] as Set<Ticket>
+  // Each ticket takes itself out of the set as it ends.
+  for (const ticket of open) ticket.responseClose()
 }
 
-/** The ticket of a request, or undefined if its route is not limited or it never asked. */
-export function ticketOf (reply: FastifyReply): Ticket | undefined {
-  return (reply.raw as TrackedResponse)[kTicket]
+function streamOf (request: FastifyRequest): Http2Stream | undefined {
+  return (request.raw as { stream?: Http2Stream }).stream
+}
+
+/** The ticket of a request for one registration, or undefined if it never asked. */
+export function ticketOf (reply: FastifyReply, key: symbol): Ticket | undefined {
+  return (reply.raw as unknown as Record<symbol, Ticket | undefined>)[key]
 }
