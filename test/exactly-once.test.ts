@@ -4,14 +4,14 @@ import { connect as h2connect } from 'node:http2'
 import { Writable } from 'node:stream'
 import Fastify, { type FastifyInstance } from 'fastify'
 import { Client } from 'undici'
-import concurrencyLimit from '../lib/index.js'
+import concurrencyLimit, { type ConcurrencyLimitDecorator } from '../lib/index.js'
 import { build, listen, client, get, waitFor, sleep, Gauge } from './helpers/server.js'
 
 // Ways a request can end that the response's own 'close' does not cover:
 // pipelined requests of a client that leaves, HTTP/2 streams reset before
 // admission, and a request that passes through two registrations.
 
-async function drained (t: Test, app: FastifyInstance, pool = 'default'): Promise<void> {
+async function drained (t: Test, app: { concurrencyLimit: ConcurrencyLimitDecorator }, pool = 'default'): Promise<void> {
   await waitFor(() => app.concurrencyLimit.stats(pool).inFlight === 0 && app.concurrencyLimit.stats(pool).queued === 0, 2000, `${pool} to drain`)
   await sleep(20) // room for a wrong second release to show
   const stats = app.concurrencyLimit.stats(pool)
