@@ -41,7 +41,8 @@ type TrackedSocket = Socket & { [kOpenTickets]?: Set<Ticket> }
  *   `onServerResponseClose` emits it from the socket's 'close'). With
  *   pipelining, the responses queued behind the attached one are not
  *   attached: when the client leaves, Node 20 and 22 destroy their requests
- *   (`abortIncoming`) but never emit their response's 'close'. The socket's
+ *   (`abortIncoming`) but never emit their response's 'close' (Node 24
+ *   does). The socket's
  *   own 'close' is emitted once for every connection, so the tickets of all
  *   requests open on a socket are kept in one set, with one listener per
  *   socket, and ended together when it closes.
@@ -157,7 +158,25 @@ export class Ticket implements Waiter {
       this.admission.limiter.abandon(this)
     } else if (!this.handlerPending) {
       this.release()
+    } else {
+      settleReply(this.reply)
     }
+  }
+
+  /** The connection of an HTTP/1.1 request closed. */
+  connectionClose (): void {
+    const res = this.reply.raw as ServerResponse & { _closed: boolean }
+    // A response queued behind another on a pipelined connection gets no
+    // 'close' on Node 20 and 22: emit it as Node's own onServerResponseClose
+    // does for the attached one (and Node 24 for all), so that whatever waits
+    // for it (Fastify's request.signal and reply.then, the application's
+    // clean-up, this ticket) learns that the client has left.
+    if (!res.closed) {
+      res.destroyed = true
+      res._closed = true
+      res.emit('close')
+    }
+    this.responseClose()
   }
 
   release (): void {
@@ -175,7 +194,22 @@ export class Ticket implements Waiter {
 function onSocketClose (this: TrackedSocket): void {
   const open = this[kOpenTickets] as Set<Ticket>
   // Each ticket takes itself out of the set as it ends.
-  for (const ticket of open) ticket.responseClose()
+  for (const ticket of open) ticket.connectionClose()
+}
+
+function fulfilledThen (this: FastifyReply, fulfilled?: () => void): void {
+  fulfilled?.()
+}
+
+/**
+ * An async handler that returns `reply` settles when Fastify's `reply.then`
+ * does, and that waits for the raw response to finish or close. After the
+ * client has left, an HTTP/2 response whose stream closed before the handler
+ * replied never emits either again, so the handler, and its slot, would
+ * wait forever. The response is over: let `reply.then` say so at once.
+ */
+function settleReply (reply: FastifyReply): void {
+  Object.defineProperty(reply, 'then', { value: fulfilledThen, configurable: true, writable: true })
 }
 
 function streamOf (request: FastifyRequest): Http2Stream | undefined {

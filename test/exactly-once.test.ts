@@ -274,3 +274,51 @@ t.test('another onRoute hook that replaces the route hooks: served unlimited, on
   t.equal(app.concurrencyLimit.stats().admitted, 1, 'the other route is still limited')
   t.match(app.printRoutes({ includeHooks: true, commonPrefix: false }), /concurrencyLimit\(\)/, 'the admission hook has a name in route printouts')
 })
+
+t.test('HTTP/2: an async handler that replies after its stream was reset still gives its slot back', async (t) => {
+  const app = Fastify({ http2: true, forceCloseConnections: true })
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, { maxConcurrency: 1, maxQueue: 0 })
+  let entered = 0
+  let finished = 0
+  app.get('/late', async (_request, reply) => {
+    entered++
+    await sleep(60)
+    finished++
+    // Fastify's reply.then waits for a response end that, after the reset, never comes.
+    return reply.code(200).send('late')
+  })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const session = h2connect(`http://127.0.0.1:${port}`)
+  t.teardown(() => session.close())
+  const stream = session.request({ ':path': '/late' })
+  stream.on('error', () => {})
+  stream.end()
+  await waitFor(() => entered === 1)
+  stream.close(0x8)
+  await waitFor(() => finished === 1)
+  await drained(t, app)
+})
+
+t.test('HTTP/1.1 pipelining: a queued response whose client left closes, so request.signal and clean-up run', async (t) => {
+  const app = await build(t, { maxConcurrency: 4 })
+  const gauge = new Gauge()
+  const seen: string[] = []
+  app.get('/slow', async () => { await gauge.wait(); return 'slow' })
+  app.get('/watched', async (request, reply) => {
+    request.signal.addEventListener('abort', () => seen.push('signal'))
+    reply.raw.on('close', () => seen.push('close'))
+    setTimeout(() => reply.send('late'), 20)
+    return reply
+  })
+  const origin = await listen(app)
+  const socket = await rawSocket(origin)
+  socket.write(pipelined('/slow', '/watched'))
+  await waitFor(() => app.concurrencyLimit.stats().inFlight === 2)
+  socket.destroy()
+  await waitFor(() => seen.length === 2, 1000, 'the queued response to close')
+  t.same(seen.sort(), ['close', 'signal'])
+  gauge.open()
+  await drained(t, app)
+})
