@@ -6,7 +6,7 @@ import type {
   RouteOptions
 } from 'fastify'
 import fp from 'fastify-plugin'
-import { ConnectionGuard, type ConnectionStats } from './connection-guard.js'
+import { guardEveryServer, type ConnectionGuard, type ConnectionStats } from './connection-guard.js'
 import { InvalidOptionError } from './errors.js'
 import type { LimiterStats } from './limiter.js'
 import { resolveOptions, resolveRouteConfig, type ConcurrencyLimitOptions, type HookName, type RouteConcurrencyLimitConfig } from './options.js'
@@ -74,7 +74,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     if (fastify.initialConfig.http2 === true) {
       throw new InvalidOptionError('maxConnections works with HTTP/1 servers only: an HTTP/2 connection carries many requests')
     }
-    guard = new ConnectionGuard(fastify.server, options.maxConnections, options.statusCode)
+    guard = guardEveryServer(fastify, options.maxConnections, options.statusCode)
   }
 
   const decorator: ConcurrencyLimitDecorator = {

@@ -166,12 +166,13 @@ export class Ticket implements Waiter {
   /** The connection of an HTTP/1.1 request closed. */
   connectionClose (): void {
     const res = this.reply.raw as ServerResponse & { _closed: boolean }
-    // A response queued behind another on a pipelined connection gets no
-    // 'close' on Node 20 and 22: emit it as Node's own onServerResponseClose
-    // does for the attached one (and Node 24 for all), so that whatever waits
-    // for it (Fastify's request.signal and reply.then, the application's
-    // clean-up, this ticket) learns that the client has left.
-    if (!res.closed) {
+    // A response queued behind another on a pipelined connection (it has no
+    // socket yet) gets no 'close' on Node 20 and 22: emit it as Node's own
+    // onServerResponseClose does for the attached one, and Node 24 for all,
+    // so that whatever waits for it (Fastify's request.signal and
+    // reply.then, the application's clean-up, this ticket) learns that the
+    // client has left. `destroyed` is Node's own guard against a second one.
+    if (res.socket === null && !res.destroyed) {
       res.destroyed = true
       res._closed = true
       res.emit('close')

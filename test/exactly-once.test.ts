@@ -322,3 +322,25 @@ t.test('HTTP/1.1 pipelining: a queued response whose client left closes, so requ
   gauge.open()
   await drained(t, app)
 })
+
+t.test('keep-alive: a response whose connection drops mid-way closes once', async (t) => {
+  const app = await build(t, { maxConcurrency: 2 })
+  let closes = 0
+  app.get('/first', async () => 'first')
+  app.get('/held', async (_request, reply) => {
+    reply.raw.on('close', () => { closes++ })
+    await sleep(30)
+    return 'held'
+  })
+  const origin = await listen(app)
+  const socket = await rawSocket(origin)
+  // The socket's first request ends before the second is attached to it.
+  socket.write(pipelined('/first'))
+  await waitFor(() => app.concurrencyLimit.stats().completed === 1)
+  socket.write(pipelined('/held'))
+  await waitFor(() => app.concurrencyLimit.stats().inFlight === 1)
+  socket.destroy()
+  await drained(t, app)
+  await sleep(20)
+  t.equal(closes, 1, "one 'close' for the response")
+})
