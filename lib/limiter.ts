@@ -39,9 +39,11 @@ export interface LimiterStats extends LimiterSettings {
   queueWait: { count: number, meanMs: number, maxMs: number }
 }
 
-// A drain-rate sample older than this describes another load: start again.
-const RATE_WINDOW_MAX_MS = 10_000
-const RATE_WINDOW_MIN_MS = 250
+// Completions are counted in windows of at least this long: long enough to
+// hold several completions of a busy pool, short enough to follow a change.
+const RATE_WINDOW_MS = 250
+// Completions spread over longer than this describe another load, not today's.
+const RATE_MAX_AGE_MS = 10_000
 const RETRY_AFTER_MAX_S = 60
 
 /**
@@ -82,15 +84,19 @@ export class Limiter {
   #waitTotal = 0
   #waitMax = 0
 
-  #rateSampleAt = -Infinity
-  #rateSampleCompleted = 0
-  #drainRate = 0
+  // Drain rate: completions per second over the last full window, measured
+  // as completions happen, so that the first refusal of an overload already
+  // knows how fast the pool was draining just before it.
+  #windowStart: number
+  #windowCompleted = 0
+  #windowRate = 0
 
   constructor (name: string, settings: LimiterSettings) {
     this.name = name
     this.maxConcurrency = settings.maxConcurrency
     this.maxQueue = settings.maxQueue
     this.queueTimeout = settings.queueTimeout
+    this.#windowStart = performance.now()
   }
 
   /** Takes a slot if one is free. The caller must `release()` it exactly once. */
@@ -157,6 +163,7 @@ export class Limiter {
    */
   release (): void {
     this.#completed++
+    this.#countCompletion()
     if (this.#head === null) {
       this.inFlight--
       return
@@ -199,26 +206,39 @@ export class Limiter {
 
   /**
    * Seconds a client should wait before retrying: the time the pool needs to
-   * drain its queue at the completion rate seen lately, at least 1.
+   * drain its queue at the completion rate seen lately, at least 1. At most
+   * `queueTimeout`: by then every waiter now queued has been answered, served
+   * or not, so the queue has turned over whatever the rate.
    */
   retryAfter (): number {
-    const now = performance.now()
-    const elapsed = now - this.#rateSampleAt
-    if (elapsed > RATE_WINDOW_MAX_MS) {
-      this.#rateSampleAt = now
-      this.#rateSampleCompleted = this.#completed
-      this.#drainRate = 0
-    } else if (elapsed >= RATE_WINDOW_MIN_MS) {
-      this.#drainRate = (this.#completed - this.#rateSampleCompleted) * 1000 / elapsed
-      this.#rateSampleAt = now
-      this.#rateSampleCompleted = this.#completed
-    }
+    const rate = this.#drainRate()
     // No completions measured: the pool may be stalled; a waiter would be
     // answered within queueTimeout, so that is the soonest retry worth making.
-    const seconds = this.#drainRate > 0
-      ? (this.queued + 1) / this.#drainRate
-      : this.queueTimeout / 1000
-    return Math.min(RETRY_AFTER_MAX_S, Math.max(1, Math.ceil(seconds)))
+    const ms = rate > 0
+      ? Math.min(this.queueTimeout, (this.queued + 1) * 1000 / rate)
+      : this.queueTimeout
+    return Math.min(RETRY_AFTER_MAX_S, Math.max(1, Math.ceil(ms / 1000)))
+  }
+
+  /**
+   * Completions per second in the last full window. A window that no
+   * completion has closed although it is full is the latest measure: its rate
+   * falls for as long as the pool stays idle or stalled, to 0 (unknown).
+   */
+  #drainRate (): number {
+    const elapsed = performance.now() - this.#windowStart
+    if (elapsed < RATE_WINDOW_MS) return this.#windowRate
+    return elapsed > RATE_MAX_AGE_MS ? 0 : this.#windowCompleted * 1000 / elapsed
+  }
+
+  #countCompletion (): void {
+    const now = performance.now()
+    const completed = ++this.#windowCompleted
+    const elapsed = now - this.#windowStart
+    if (elapsed < RATE_WINDOW_MS) return
+    this.#windowRate = elapsed > RATE_MAX_AGE_MS ? 0 : completed * 1000 / elapsed
+    this.#windowStart = now
+    this.#windowCompleted = 0
   }
 
   stats (): LimiterStats {

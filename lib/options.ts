@@ -12,7 +12,7 @@ export interface PoolOptions {
   maxConcurrency?: number
   /** Requests waiting for a slot. Integer >= 0, 0 = no queue. Default: maxConcurrency. */
   maxQueue?: number
-  /** Milliseconds a request may wait in the queue before it is answered. >= 0. Default 1000. */
+  /** Milliseconds a request may wait in the queue before it is answered. Integer >= 0. Default 1000. */
   queueTimeout?: number
 }
 
@@ -43,15 +43,18 @@ export interface ConcurrencyLimitOptions extends PoolOptions {
   hook?: HookName
   /** Status of a rejection: a 4xx or 5xx code. Default 503. */
   statusCode?: number
-  /** Retry-After in seconds, or a function of the rejection. Default: from the drain rate. */
+  /**
+   * Retry-After in seconds (0 to 2147483647), or a function of the rejection
+   * that returns it synchronously. Default: from the drain rate.
+   */
   retryAfter?: number | ((request: FastifyRequest, rejection: Rejection) => number)
-  /** Builds the body of a rejection instead of Fastify's error body. */
+  /** Builds the body of a rejection instead of Fastify's error body; may return a promise of it. */
   errorResponseBuilder?: (request: FastifyRequest, rejection: RejectionWithRetry) => unknown
   /** Named pools that routes join with `config.concurrencyLimit.group`. */
   groups?: Record<string, PoolOptions>
   /**
-   * Most milliseconds a repeated refusal on one connection is held back (a
-   * retry storm brake); 0 turns it off. Default 1000.
+   * Most milliseconds a repeated refusal on one HTTP/1 connection is held back
+   * (a retry storm brake); integer, 0 turns it off. Default 1000.
    */
   rejectDelay?: number
   /** Most refusals held back at once; past it, refusals are answered at once. Default 10000. */
@@ -86,6 +89,8 @@ export interface ResolvedOptions {
   /** Pool settings as given at plugin level; unset fields are filled per pool. */
   pool: PoolOptions
   groups: Map<string, PoolOptions>
+  /** Values that are valid but probably not what was meant, to log once at registration. */
+  warnings: string[]
 }
 
 export const DEFAULT_MAX_CONCURRENCY = 100
@@ -94,6 +99,15 @@ export const DEFAULT_MAX_HELD_REJECTIONS = 10_000
 export const DEFAULT_REJECT_DELAY = 1000
 // setTimeout clamps anything longer to 1 ms, which would turn a long timeout into none.
 const MAX_TIMEOUT = 2 ** 31 - 1
+/**
+ * Largest Retry-After sent. Its delay-seconds (RFC 9110 §10.2.3) are a
+ * delta-seconds, which recipients may not read past 2^31 (RFC 9111 §1.2.2);
+ * a larger number would also be written in exponent form (1e+21), which is
+ * no delta-seconds at all.
+ */
+export const MAX_RETRY_AFTER = 2 ** 31 - 1
+// Below this, a duration in milliseconds was most likely meant in seconds.
+const PLAUSIBLE_MS = 100
 
 const HOOKS: readonly HookName[] = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
 const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout'] as const
@@ -129,7 +143,22 @@ function checkKeys (where: string, value: Record<string, unknown>, allowed: Set<
   }
 }
 
-function checkPool (where: string, value: Record<string, unknown>): PoolOptions {
+/**
+ * A duration in whole milliseconds. A fraction, or a value too short to do
+ * its job, is almost always seconds written where milliseconds are meant:
+ * the first is refused, the second noted in `warnings`.
+ */
+function checkMilliseconds (where: string, key: string, value: unknown, tooShort: string, warnings: string[]): void {
+  if (!(Number.isInteger(value) && (value as number) >= 0 && (value as number) <= MAX_TIMEOUT)) {
+    fail(where, key, `an integer number of milliseconds from 0 to ${MAX_TIMEOUT}`, value)
+  }
+  const ms = value as number
+  if (ms > 0 && ms < PLAUSIBLE_MS) {
+    warnings.push(`${where}${key} is in milliseconds: ${ms} ms ${tooShort}; for ${ms} second${ms === 1 ? '' : 's'} write ${ms * 1000}`)
+  }
+}
+
+function checkPool (where: string, value: Record<string, unknown>, warnings: string[]): PoolOptions {
   const { maxConcurrency, maxQueue, queueTimeout } = value
   if (maxConcurrency !== undefined && !(Number.isSafeInteger(maxConcurrency) && (maxConcurrency as number) >= 1)) {
     fail(where, 'maxConcurrency', 'an integer >= 1', maxConcurrency)
@@ -137,9 +166,8 @@ function checkPool (where: string, value: Record<string, unknown>): PoolOptions 
   if (maxQueue !== undefined && !(Number.isSafeInteger(maxQueue) && (maxQueue as number) >= 0)) {
     fail(where, 'maxQueue', 'an integer >= 0', maxQueue)
   }
-  if (queueTimeout !== undefined &&
-    !(typeof queueTimeout === 'number' && queueTimeout >= 0 && queueTimeout <= MAX_TIMEOUT)) {
-    fail(where, 'queueTimeout', `a number of milliseconds from 0 to ${MAX_TIMEOUT}`, queueTimeout)
+  if (queueTimeout !== undefined) {
+    checkMilliseconds(where, 'queueTimeout', queueTimeout, 'is shorter than most queue waits', warnings)
   }
   const pool: PoolOptions = {}
   if (maxConcurrency !== undefined) pool.maxConcurrency = maxConcurrency as number
@@ -161,6 +189,8 @@ export function resolveOptions (options: unknown): ResolvedOptions {
   checkKeys('', opts, PLUGIN_KEYS)
 
   const { global, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject, maxConnections } = opts
+  const warnings: string[] = []
+  const pool = checkPool('', opts, warnings)
   if (global !== undefined && typeof global !== 'boolean') fail('', 'global', 'a boolean', global)
   if (statusCode !== undefined &&
     !(Number.isInteger(statusCode) && (statusCode as number) >= 400 && (statusCode as number) <= 599 &&
@@ -168,15 +198,14 @@ export function resolveOptions (options: unknown): ResolvedOptions {
     fail('', 'statusCode', 'a known 4xx or 5xx status code (503 or 429 are usual)', statusCode)
   }
   if (retryAfter !== undefined && typeof retryAfter !== 'function' &&
-    !(typeof retryAfter === 'number' && Number.isFinite(retryAfter) && retryAfter >= 0)) {
-    fail('', 'retryAfter', 'a number of seconds >= 0 or a function', retryAfter)
+    !(typeof retryAfter === 'number' && retryAfter >= 0 && retryAfter <= MAX_RETRY_AFTER)) {
+    fail('', 'retryAfter', `a number of seconds from 0 to ${MAX_RETRY_AFTER} or a function`, retryAfter)
   }
   if (errorResponseBuilder !== undefined && typeof errorResponseBuilder !== 'function') {
     fail('', 'errorResponseBuilder', 'a function', errorResponseBuilder)
   }
-  if (rejectDelay !== undefined &&
-    !(typeof rejectDelay === 'number' && rejectDelay >= 0 && rejectDelay <= MAX_TIMEOUT)) {
-    fail('', 'rejectDelay', `a number of milliseconds from 0 to ${MAX_TIMEOUT}`, rejectDelay)
+  if (rejectDelay !== undefined) {
+    checkMilliseconds('', 'rejectDelay', rejectDelay, 'is too short to slow a retry storm', warnings)
   }
   if (maxHeldRejections !== undefined && !(Number.isSafeInteger(maxHeldRejections) && (maxHeldRejections as number) >= 0)) {
     fail('', 'maxHeldRejections', 'an integer >= 0', maxHeldRejections)
@@ -193,7 +222,7 @@ export function resolveOptions (options: unknown): ResolvedOptions {
       const where = `groups.${name}.`
       if (!isPlainObject(group)) fail('', `groups.${name}`, 'an object', group)
       checkKeys(where, group, GROUP_KEYS)
-      resolvedGroups.set(name, checkPool(where, group))
+      resolvedGroups.set(name, checkPool(where, group, warnings))
     }
   }
 
@@ -207,8 +236,9 @@ export function resolveOptions (options: unknown): ResolvedOptions {
     maxHeldRejections: (maxHeldRejections as number | undefined) ?? DEFAULT_MAX_HELD_REJECTIONS,
     closeOnReject: (closeOnReject as boolean | undefined) ?? false,
     maxConnections: maxConnections as number | undefined,
-    pool: checkPool('', opts),
-    groups: resolvedGroups
+    pool,
+    groups: resolvedGroups,
+    warnings
   }
 }
 
@@ -218,13 +248,20 @@ export interface ResolvedRouteConfig {
   pool: PoolOptions | null
   group: string | undefined
   hook: HookName | undefined
+  /** Values that are valid but probably not what was meant, to log once. */
+  warnings: readonly string[]
 }
+
+const NO_WARNINGS: readonly string[] = Object.freeze([])
+// Fastify hands a GET route's HEAD twin (and the twins of a prefixed '/') the
+// same config object: one warning serves them all.
+const warnedConfigs = new WeakSet<object>()
 
 export function resolveRouteConfig (route: string, config: unknown, global: boolean): ResolvedRouteConfig | null {
   const where = `route ${route}: config.concurrencyLimit.`
-  if (config === undefined) return global ? { pool: null, group: undefined, hook: undefined } : null
+  if (config === undefined) return global ? { pool: null, group: undefined, hook: undefined, warnings: NO_WARNINGS } : null
   if (config === false) return null
-  if (config === true) return { pool: null, group: undefined, hook: undefined }
+  if (config === true) return { pool: null, group: undefined, hook: undefined, warnings: NO_WARNINGS }
   if (!isPlainObject(config)) {
     throw new InvalidOptionError(`route ${route}: config.concurrencyLimit must be an object, true or false, received ${show(config)}`)
   }
@@ -233,11 +270,16 @@ export function resolveRouteConfig (route: string, config: unknown, global: bool
   if (group !== undefined && !(typeof group === 'string' && group.length > 0)) {
     fail(where, 'group', 'a non-empty string', group)
   }
-  const pool = checkPool(where, config)
+  const warnings: string[] = []
+  const pool = checkPool(where, config, warnings)
+  const hook = checkHook(where, config.hook)
+  const seen = warnedConfigs.has(config)
+  if (warnings.length > 0) warnedConfigs.add(config)
   return {
     pool: Object.keys(pool).length > 0 ? pool : null,
     group: group as string | undefined,
-    hook: checkHook(where, config.hook)
+    hook,
+    warnings: seen ? NO_WARNINGS : warnings
   }
 }
 

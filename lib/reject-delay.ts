@@ -18,7 +18,7 @@ interface Streak {
 type Answer = (limiter: Limiter, request: FastifyRequest, reply: FastifyReply) => void
 
 /**
- * Slows clients that retry at once on the connection they were refused on.
+ * Slows clients that retry at once on the HTTP/1 connection they were refused on.
  * The first refusal on a connection is answered at once (a client that waits
  * for Retry-After never sees a delay); each further one within a second of
  * the last is held back, 250 ms, then twice as long each time, up to
@@ -41,6 +41,10 @@ export class RejectDelay {
 
   /** Holds the refusal back; false if it must be answered now. */
   hold (limiter: Limiter, request: FastifyRequest, reply: FastifyReply): boolean {
+    // An HTTP/2 request's socket stands for its whole session, whose streams
+    // run side by side: a streak there would hold back first tries. A stream
+    // carries one request, so there is no connection of a retry to slow.
+    if (request.raw.httpVersionMajor === 2) return false
     const socket = request.raw.socket as unknown as { [kRefusals]?: Streak }
     const now = performance.now()
     const streak = socket[kRefusals]

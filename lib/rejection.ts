@@ -1,8 +1,9 @@
 import { STATUS_CODES } from 'node:http'
+import type { Http2ServerRequest } from 'node:http2'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { ClosingError, InvalidOptionError, QueueFullError, QueueTimeoutError } from './errors.js'
 import type { Limiter, RejectReason } from './limiter.js'
-import type { Rejection, ResolvedOptions } from './options.js'
+import { MAX_RETRY_AFTER, type Rejection, type ResolvedOptions } from './options.js'
 import { RejectDelay } from './reject-delay.js'
 
 function codeAndMessage (ErrorClass: new () => { code: string, message: string }): { code: string, message: string } {
@@ -72,14 +73,25 @@ export class Rejecter {
         return
       }
       if (!(typeof seconds === 'number' && Number.isFinite(seconds) && seconds >= 0)) {
-        reply.send(new InvalidOptionError(`retryAfter() must return a number of seconds >= 0, returned ${String(seconds)}`))
+        reply.send(new InvalidOptionError(unusableRetryAfter(seconds)))
         return
       }
     }
-    reply.code(statusCode).header('retry-after', Math.ceil(seconds))
+    // Retry-After takes whole delay-seconds (RFC 9110 §10.2.3), which a
+    // recipient need not read past 2^31 (RFC 9111 §1.2.2); from 1e21 on, a
+    // number would even print in exponent form.
+    if (seconds > MAX_RETRY_AFTER) seconds = MAX_RETRY_AFTER
+    seconds = Math.ceil(seconds)
+    reply.code(statusCode).header('retry-after', seconds)
     // A closing server should not see this connection again; with
     // closeOnReject, neither should a refused client, until it reconnects.
-    if (reason === 'closing' || this.#options.closeOnReject) reply.header('connection', 'close')
+    if (reason === 'closing' || this.#options.closeOnReject) {
+      // HTTP/2 forbids Connection (Node drops it with a warning). Its own way
+      // is a GOAWAY, which lets the session's open streams, this refusal
+      // among them, finish; a closing Fastify sends that itself.
+      if (request.raw.httpVersionMajor !== 2) reply.header('connection', 'close')
+      else if (reason !== 'closing') (request.raw as unknown as Http2ServerRequest).stream.session?.close()
+    }
 
     if (errorResponseBuilder === undefined) {
       reply.type(JSON_TYPE).send(this.#bodies[reason])
@@ -87,13 +99,34 @@ export class Rejecter {
     }
     let payload: unknown
     try {
-      payload = errorResponseBuilder(request, { ...(rejection ?? describe(limiter, reason, statusCode)), retryAfter: Math.ceil(seconds) })
+      payload = errorResponseBuilder(request, { ...(rejection ?? describe(limiter, reason, statusCode)), retryAfter: seconds })
     } catch (err) {
-      reply.send(err)
+      builderFailed(reply, err)
       return
     }
-    reply.send(payload)
+    // Fastify would serialize a promise itself (as {}): send what it settles to.
+    if (isThenable(payload)) payload.then((body) => { reply.send(body) }, (err: unknown) => { builderFailed(reply, err) })
+    else reply.send(payload)
   }
+}
+
+// Fastify's error handler keeps a status already set (the refusal's) for an
+// error that carries none: a broken builder is the server's fault, a 500.
+function builderFailed (reply: FastifyReply, err: unknown): void {
+  reply.code(500).send(err)
+}
+
+function isThenable (value: unknown): value is PromiseLike<unknown> {
+  return value !== null && typeof value === 'object' && typeof (value as PromiseLike<unknown>).then === 'function'
+}
+
+function unusableRetryAfter (value: unknown): string {
+  if (!isThenable(value)) return `retryAfter() must return a number of seconds >= 0, returned ${String(value)}`
+  // Kept synchronous so that a refusal waits on no promise unless its body
+  // builder asks for one. The promise's rejection would go unhandled (and
+  // end the process) if no one listened.
+  value.then(undefined, () => {})
+  return 'retryAfter() must return a number of seconds synchronously, returned a promise (an async function cannot set Retry-After)'
 }
 
 function describe (limiter: Limiter, reason: RejectReason, statusCode: number): Rejection {

@@ -1,4 +1,5 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
+import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 
 const tick = () => new Promise<void>((resolve) => process.nextTick(resolve))
@@ -175,22 +176,75 @@ t.test('close refuses every waiter and every later one', async (t) => {
   limiter.close() // twice: harmless
 })
 
+// The limiter reads performance.now(): a test clock makes its windows exact.
+function fakeClock (t: Test): { advance (ms: number): void } {
+  let now = 1_000_000
+  performance.now = () => now
+  t.teardown(() => { delete (performance as { now?: unknown }).now })
+  return { advance (ms) { now += ms } }
+}
+
+const parked = (): Waiter => ({ prev: null, next: null, enqueuedAt: 0, deadline: 0, admit: () => true, reject: () => {} })
+
+// `count` completions spread evenly over `ms`.
+function complete (limiter: Limiter, clock: { advance (ms: number): void }, count: number, ms: number): void {
+  for (let i = 0; i < count; i++) {
+    clock.advance(ms / count)
+    limiter.tryAcquire()
+    limiter.release()
+  }
+}
+
 t.test('retryAfter: at least 1 s, from the drain rate, from queueTimeout when nothing drains', async (t) => {
+  const clock = fakeClock(t)
   const slow = new Limiter('slow', { maxConcurrency: 1, maxQueue: 100, queueTimeout: 4500 })
   t.equal(slow.retryAfter(), 5, 'nothing measured: the queue timeout, rounded up')
-  const fast = new Limiter('fast', { maxConcurrency: 1, maxQueue: 100, queueTimeout: 1000 })
-  fast.retryAfter() // opens a sample window
-  for (let i = 0; i < 10; i++) { fast.tryAcquire(); fast.release() }
-  await sleep(300)
-  // about 10 completions in 0.3 s = ~33/s; 100 waiters + this one = ~3 s
-  for (let i = 0; i < 100; i++) fast.tryAcquire() || fast.enqueue({ prev: null, next: null, enqueuedAt: 0, deadline: 0, admit: () => true, reject: () => {} })
-  const seconds = fast.retryAfter()
-  t.ok(seconds >= 2 && seconds <= 4, `about 3 s, got ${seconds}`)
-  const busy = new Limiter('busy', { maxConcurrency: 1, maxQueue: 0, queueTimeout: 1000 })
-  busy.retryAfter()
-  for (let i = 0; i < 1000; i++) { busy.tryAcquire(); busy.release() }
-  await sleep(300)
+  const busy = new Limiter('busy', { maxConcurrency: 1, maxQueue: 0, queueTimeout: 10_000 })
+  complete(busy, clock, 1000, 300)
   t.equal(busy.retryAfter(), 1, 'a fast drain still says at least 1')
   const stalled = new Limiter('stalled', { maxConcurrency: 1, maxQueue: 0, queueTimeout: 600_000 })
   t.equal(stalled.retryAfter(), 60, 'capped at 60 s')
+})
+
+t.test('retryAfter: the rate is measured from completions, before any refusal', async (t) => {
+  const clock = fakeClock(t)
+  const limiter = new Limiter('steady', { maxConcurrency: 1, maxQueue: 100, queueTimeout: 10_000 })
+  complete(limiter, clock, 10, 250) // 40/s, a full window
+  complete(limiter, clock, 5, 125) // half of the next one
+  limiter.tryAcquire()
+  for (let i = 0; i < 99; i++) limiter.enqueue(parked())
+  t.equal(limiter.retryAfter(), 3, '100 ahead at 40/s: 2.5 s, rounded up; not queueTimeout (10 s)')
+  complete(limiter, clock, 25, 125) // 30 in 250 ms: 120/s
+  t.equal(limiter.retryAfter(), 1, 'the next full window follows a faster drain')
+  clock.advance(200)
+  t.equal(limiter.retryAfter(), 1, 'the last full window stands while the current one fills')
+})
+
+t.test('retryAfter: a window no completion closes decays, then is forgotten', async (t) => {
+  const clock = fakeClock(t)
+  const limiter = new Limiter('stall', { maxConcurrency: 1, maxQueue: 1000, queueTimeout: 60_000 })
+  complete(limiter, clock, 100, 250) // 400/s
+  complete(limiter, clock, 50, 100) // then the pool stalls
+  limiter.tryAcquire()
+  for (let i = 0; i < 399; i++) limiter.enqueue(parked())
+  t.equal(limiter.retryAfter(), 1, '400 ahead at 400/s')
+  clock.advance(400) // 50 completions in 500 ms: 100/s
+  t.equal(limiter.retryAfter(), 4)
+  clock.advance(4500) // 50 in 5 s: 10/s
+  t.equal(limiter.retryAfter(), 40)
+  clock.advance(5001) // 10 s with no window closed: that rate described another load
+  t.equal(limiter.retryAfter(), 60, 'nothing known: queueTimeout, within the 60 s cap')
+  complete(limiter, clock, 1, 1) // the completion that ends the stall closes an old window
+  t.equal(limiter.retryAfter(), 60, 'which measures nothing')
+  complete(limiter, clock, 100, 250)
+  t.equal(limiter.retryAfter(), 1, 'a new full window: 400/s again')
+})
+
+t.test('retryAfter: never past queueTimeout, by when the queue has turned over', async (t) => {
+  const clock = fakeClock(t)
+  const limiter = new Limiter('slow', { maxConcurrency: 1, maxQueue: 100, queueTimeout: 3000 })
+  complete(limiter, clock, 3, 300) // 10/s
+  limiter.tryAcquire()
+  for (let i = 0; i < 100; i++) limiter.enqueue(parked())
+  t.equal(limiter.retryAfter(), 3, '101 ahead at 10/s would be 11 s; every waiter is answered within 3 s')
 })

@@ -96,3 +96,78 @@ t.test('an errorResponseBuilder that throws answers 500', async (t) => {
   const answer = await get(pool, '/hold')
   t.equal(answer.statusCode, 500)
 })
+
+t.test('an async errorResponseBuilder: its value is sent, with status and Retry-After', async (t) => {
+  const { pool } = await saturated(t, {
+    retryAfter: 4,
+    errorResponseBuilder: async (request, rejection) => {
+      await new Promise((resolve) => setTimeout(resolve, 10))
+      return { busy: true, reason: rejection.reason, retryIn: rejection.retryAfter, path: request.url }
+    }
+  })
+  const answer = await get(pool, '/hold')
+  t.equal(answer.statusCode, 503)
+  t.equal(answer.headers['retry-after'], '4')
+  t.match(answer.headers['content-type'], /^application\/json/)
+  t.same(JSON.parse(answer.body), { busy: true, reason: 'queueFull', retryIn: 4, path: '/hold' })
+})
+
+t.test('an async errorResponseBuilder that rejects answers 500 through the error handler', async (t) => {
+  const { app, pool } = await saturated(t, {
+    errorResponseBuilder: async () => { throw new Error('builder failed') }
+  })
+  const answer = await get(pool, '/hold')
+  t.equal(answer.statusCode, 500)
+  t.match(JSON.parse(answer.body), { statusCode: 500, message: 'builder failed' })
+  t.equal(app.concurrencyLimit.stats().inFlight, 1, 'the refused request took no slot')
+})
+
+t.test('a retryAfter function that returns a promise answers 500 and says why', async (t) => {
+  let fail = false
+  const { app, pool } = await saturated(t, {
+    // An async function, as a JavaScript caller could pass.
+    retryAfter: (async () => {
+      if (fail) throw new Error('rejected')
+      return 5
+    }) as never
+  })
+  const unhandled: unknown[] = []
+  const onUnhandled = (reason: unknown): void => { unhandled.push(reason) }
+  process.on('unhandledRejection', onUnhandled)
+  t.teardown(() => { process.off('unhandledRejection', onUnhandled) })
+  const answer = await get(pool, '/hold')
+  t.equal(answer.statusCode, 500)
+  t.match(JSON.parse(answer.body), {
+    code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION',
+    message: /retryAfter\(\) must return a number of seconds synchronously, returned a promise/
+  })
+  fail = true
+  t.equal((await get(pool, '/hold')).statusCode, 500)
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  t.same(unhandled, [], 'a rejected promise does not go unhandled')
+  t.equal(app.concurrencyLimit.stats().inFlight, 1)
+})
+
+t.test('a retryAfter function past 2^31-1 seconds is clamped to it, in digits', async (t) => {
+  let value = 1e21
+  const { pool } = await saturated(t, { retryAfter: () => value })
+  t.equal((await get(pool, '/hold')).headers['retry-after'], '2147483647')
+  value = 2 ** 31 - 1.5
+  t.equal((await get(pool, '/hold')).headers['retry-after'], '2147483647', 'rounded up within the bound')
+  value = 0
+  t.equal((await get(pool, '/hold')).headers['retry-after'], '0')
+})
+
+t.test('a fixed retryAfter at the bound is sent as is', async (t) => {
+  const { pool } = await saturated(t, { retryAfter: 2 ** 31 - 1 })
+  t.equal((await get(pool, '/hold')).headers['retry-after'], '2147483647')
+})
+
+t.test('an errorResponseBuilder that throws an error with no status answers 500, not the refusal status', async (t) => {
+  const { pool } = await saturated(t, {
+    errorResponseBuilder: () => { throw new Error('builder failed') }
+  })
+  const answer = await get(pool, '/hold')
+  t.equal(answer.statusCode, 500)
+  t.match(JSON.parse(answer.body), { statusCode: 500, message: 'builder failed' })
+})
