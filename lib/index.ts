@@ -66,6 +66,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
       'route config for other limits, or register the second one inside a child context (fastify.register(async (child) => ...))')
   }
   const options = resolveOptions(opts)
+  for (const warning of options.warnings) fastify.log.warn(warning)
   const pools = new Pools(options)
   const rejecter = new Rejecter(options)
 
@@ -104,6 +105,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     const config = route.config?.concurrencyLimit
     const resolved = resolveRouteConfig(routeName, config, options.global)
     if (resolved === null) return
+    for (const warning of resolved.warnings) fastify.log.warn(warning)
     const admission: Admission = { limiter: pools.forRoute(routeName, config as object, resolved), rejecter, key }
     const stage: HookName = resolved.hook ?? options.hook
 

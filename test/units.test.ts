@@ -58,7 +58,7 @@ t.test('a route config under 100 ms carries its warning, once per config object'
   t.same(resolveRouteConfig('GET /v', undefined, true)?.warnings, [])
 })
 
-t.test('a route config under 100 ms is logged once at registration', { todo: 'lib/index.ts onRoute must log resolved.warnings' }, async (t) => {
+t.test('a route config under 100 ms is logged once at registration', async (t) => {
   const { app, lines } = await logged({}, (app) => {
     app.get('/r', { config: { concurrencyLimit: { queueTimeout: 30 } } }, async () => 'x')
   })
