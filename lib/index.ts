@@ -103,6 +103,8 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     routesSeen++
     const routeName = `${[route.method].flat().join(',')} ${route.url}`
     const config = route.config?.concurrencyLimit
+    // A route's own config is the more specific word: it wins over `exempt`.
+    if (config === undefined && options.exempt !== null && options.exempt(route)) return
     const resolved = resolveRouteConfig(routeName, config, options.global)
     if (resolved === null) return
     for (const warning of resolved.warnings) fastify.log.warn(warning)

@@ -1,5 +1,5 @@
 import { STATUS_CODES } from 'node:http'
-import type { FastifyRequest } from 'fastify'
+import type { FastifyRequest, RouteOptions } from 'fastify'
 import { InvalidOptionError } from './errors.js'
 import type { LimiterSettings, RejectReason } from './limiter.js'
 
@@ -39,8 +39,20 @@ export interface RejectionWithRetry extends Rejection {
 export interface ConcurrencyLimitOptions extends PoolOptions {
   /** Limit every route unless its config says `concurrencyLimit: false`. Default true. */
   global?: boolean
-  /** Stage at which requests are admitted. Default 'onRequest' (before the body is read). */
+  /**
+   * Stage at which requests are admitted. Default 'preParsing': after every
+   * onRequest hook (rate limits, authentication, under-pressure), before the
+   * body is read.
+   */
   hook?: HookName
+  /**
+   * Routes never limited although their config does not say so, typically
+   * the routes of other plugins (health checks, metrics, docs): URLs as
+   * registered (a string matches exactly, a RegExp is tested), or a predicate
+   * on the route's options. A route whose config sets `concurrencyLimit`
+   * follows its config.
+   */
+  exempt?: ReadonlyArray<string | RegExp> | ((route: RouteOptions) => boolean)
   /** Status of a rejection: a 4xx or 5xx code. Default 503. */
   statusCode?: number
   /**
@@ -79,6 +91,7 @@ export interface RouteConcurrencyLimitConfig extends PoolOptions {
 export interface ResolvedOptions {
   global: boolean
   hook: HookName
+  exempt: ((route: RouteOptions) => boolean) | null
   statusCode: number
   retryAfter: number | ((request: FastifyRequest, rejection: Rejection) => number) | undefined
   errorResponseBuilder: ((request: FastifyRequest, rejection: RejectionWithRetry) => unknown) | undefined
@@ -111,7 +124,7 @@ const PLAUSIBLE_MS = 100
 
 const HOOKS: readonly HookName[] = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
 const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout'] as const
-const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'global', 'hook', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject', 'maxConnections'])
+const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'global', 'hook', 'exempt', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject', 'maxConnections'])
 const ROUTE_KEYS = new Set<string>([...POOL_KEYS, 'group', 'hook'])
 const GROUP_KEYS = new Set<string>(POOL_KEYS)
 
@@ -176,6 +189,23 @@ function checkPool (where: string, value: Record<string, unknown>, warnings: str
   return pool
 }
 
+function checkExempt (exempt: unknown): ((route: RouteOptions) => boolean) | null {
+  if (exempt === undefined) return null
+  if (typeof exempt === 'function') return exempt as (route: RouteOptions) => boolean
+  const expected = 'an array of URLs (strings or RegExps) or a function of the route'
+  if (!Array.isArray(exempt)) fail('', 'exempt', expected, exempt)
+  const urls = new Set<string>()
+  const patterns: RegExp[] = []
+  for (const url of exempt) {
+    if (typeof url === 'string' && url.length > 0) urls.add(url)
+    else if (url instanceof RegExp) patterns.push(url)
+    else fail('', 'exempt', expected, exempt)
+  }
+  // A global or sticky RegExp keeps its lastIndex between tests: copy it without those flags.
+  const tests = patterns.map((re) => new RegExp(re.source, re.flags.replace(/[gy]/g, '')))
+  return (route) => urls.has(route.url) || tests.some((re) => re.test(route.url))
+}
+
 function checkHook (where: string, hook: unknown): HookName | undefined {
   if (hook === undefined) return undefined
   if (!HOOKS.includes(hook as HookName)) fail(where, 'hook', `one of ${HOOKS.join(', ')}`, hook)
@@ -188,10 +218,11 @@ export function resolveOptions (options: unknown): ResolvedOptions {
   if (!isPlainObject(opts)) fail('', 'the options', 'an object', opts)
   checkKeys('', opts, PLUGIN_KEYS)
 
-  const { global, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject, maxConnections } = opts
+  const { global, exempt, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject, maxConnections } = opts
   const warnings: string[] = []
   const pool = checkPool('', opts, warnings)
   if (global !== undefined && typeof global !== 'boolean') fail('', 'global', 'a boolean', global)
+  const isExempt = checkExempt(exempt)
   if (statusCode !== undefined &&
     !(Number.isInteger(statusCode) && (statusCode as number) >= 400 && (statusCode as number) <= 599 &&
       STATUS_CODES[statusCode as number] !== undefined)) {
@@ -228,7 +259,8 @@ export function resolveOptions (options: unknown): ResolvedOptions {
 
   return {
     global: global ?? true,
-    hook: checkHook('', opts.hook) ?? 'onRequest',
+    hook: checkHook('', opts.hook) ?? 'preParsing',
+    exempt: isExempt,
     statusCode: (statusCode as number | undefined) ?? 503,
     retryAfter: retryAfter as ResolvedOptions['retryAfter'],
     errorResponseBuilder: errorResponseBuilder as ResolvedOptions['errorResponseBuilder'],

@@ -2,7 +2,7 @@ import t from 'tap'
 import { build, listen, client, get, Gauge } from './helpers/server.js'
 
 t.test('at most maxConcurrency handlers run at once; the queue is FIFO; the rest get 503 at once', async (t) => {
-  const app = await build(t, { maxConcurrency: 3, maxQueue: 4, queueTimeout: 5000 })
+  const app = await build(t, { maxConcurrency: 3, maxQueue: 4, queueTimeout: 5000, rejectDelay: 0 })
   const gauge = new Gauge()
   const order: number[] = []
   app.get('/work', async (request) => {

@@ -45,12 +45,13 @@ t.test('errors in other hooks, validation and serialization', async (t) => {
   let handlerRan = 0
   app.get('/prehandler', { preHandler: async () => { throw new Error('no') } }, async () => { handlerRan++; return 'x' })
   app.get('/onsend', { onSend: async () => { throw new Error('no') } }, async () => 'x')
-  app.get('/onrequest-after', { onRequest: (_req, _reply, done) => { done(new Error('no')) } }, async () => { handlerRan++; return 'x' })
+  // The route's own hooks of the admission stage (preParsing by default) run after it.
+  app.get('/preparsing-after', { preParsing: (_req, _reply, _payload, done) => { done(new Error('no')) } }, async () => { handlerRan++; return 'x' })
   app.get('/validate', { schema: { querystring: { type: 'object', required: ['q'], properties: { q: { type: 'string' } } } } }, async () => { handlerRan++; return 'x' })
   const pool = client(t, await listen(app))
   t.equal((await get(pool, '/prehandler')).statusCode, 500)
   t.equal((await get(pool, '/onsend')).statusCode, 500)
-  t.equal((await get(pool, '/onrequest-after')).statusCode, 500)
+  t.equal((await get(pool, '/preparsing-after')).statusCode, 500)
   t.equal((await get(pool, '/validate')).statusCode, 400)
   t.equal(handlerRan, 0)
   await released(t, app, 4)

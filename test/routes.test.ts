@@ -199,23 +199,25 @@ t.test('a route can choose its own hook', async (t) => {
   const early = await pool.request({ path: '/early', method: 'POST', body: '{}', headers: { 'content-type': 'application/json' } })
   t.equal(early.statusCode, 503)
   await early.body.dump()
-  t.equal(parsed, 2, 'refused at onRequest: before its body was read')
+  t.equal(parsed, 2, 'refused at preParsing (the default): before its body was read')
   gauge.open()
   await (await held).body.dump()
 })
 
-t.test("a route's own hooks of the same stage run after admission", async (t) => {
+t.test("a route's own hooks of the admission stage run after admission; onRequest hooks before it", async (t) => {
   const app = await build(t, { maxConcurrency: 1, maxQueue: 0 })
   let ownHookRan = 0
+  let authRan = 0
   const gauge = new Gauge()
-  app.get('/a', { onRequest: [async () => { ownHookRan++ }] }, holding(gauge))
-  app.get('/b', { onRequest: async () => { ownHookRan++ } }, async () => 'x')
+  app.get('/a', { preParsing: [async () => { ownHookRan++ }], onRequest: async () => { authRan++ } }, holding(gauge))
+  app.get('/b', { preParsing: async () => { ownHookRan++ } }, async () => 'x')
   const pool = client(t, await listen(app))
   gauge.close()
   const held = get(pool, '/a')
   await waitFor(() => gauge.current === 1)
   t.equal((await get(pool, '/a')).statusCode, 503)
   t.equal(ownHookRan, 1, 'the refused request did not run the route hook')
+  t.equal(authRan, 2, 'a per-request check in onRequest ran before the refusal')
   gauge.open()
   await held
   t.equal((await get(pool, '/b')).statusCode, 200)

@@ -35,7 +35,17 @@ app.register(concurrencyLimit, {
 app.register(concurrencyLimit, { retryAfter: 2 })
 app.register(concurrencyLimit, { rejectDelay: 0, maxHeldRejections: 100, closeOnReject: true, maxConnections: 5000 })
 
+app.register(concurrencyLimit, { exempt: ['/status', /^\/docs/] })
+app.register(concurrencyLimit, {
+  exempt: (route) => {
+    expectType<string>(route.url)
+    return route.url === '/metrics'
+  }
+})
+
 // Wrong option types do not compile.
+expectError(app.register(concurrencyLimit, { exempt: '/status' }))
+expectError(app.register(concurrencyLimit, { exempt: [3] }))
 expectError(app.register(concurrencyLimit, { maxConcurrency: '100' }))
 expectError(app.register(concurrencyLimit, { maxQueue: true }))
 expectError(app.register(concurrencyLimit, { queueTimeout: '1s' }))
