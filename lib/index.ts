@@ -9,7 +9,7 @@ import fp from 'fastify-plugin'
 import { guardEveryServer, type ConnectionGuard, type ConnectionStats } from './connection-guard.js'
 import { InvalidOptionError } from './errors.js'
 import type { LimiterStats } from './limiter.js'
-import { resolveOptions, resolveRouteConfig, type ConcurrencyLimitOptions, type HookName, type RouteConcurrencyLimitConfig } from './options.js'
+import { resolveOptions, resolveRouteConfig, type ConcurrencyLimitOptions, type HookName, type RouteConcurrencyLimitSetting } from './options.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
 import { Ticket, ticketOf, type Admission } from './ticket.js'
@@ -30,7 +30,8 @@ export type {
   PoolOptions,
   Rejection,
   RejectionWithRetry,
-  RouteConcurrencyLimitConfig
+  RouteConcurrencyLimitConfig,
+  RouteConcurrencyLimitSetting
 } from './options.js'
 
 /** Counters and settings of one pool. */
@@ -51,7 +52,7 @@ declare module 'fastify' {
   }
   interface FastifyContextConfig {
     /** `false`: never limited. `true` or `{}`: the plugin's pool. Limits: a pool of its own. */
-    concurrencyLimit?: boolean | RouteConcurrencyLimitConfig
+    concurrencyLimit?: RouteConcurrencyLimitSetting
   }
 }
 

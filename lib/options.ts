@@ -88,6 +88,25 @@ export interface RouteConcurrencyLimitConfig extends PoolOptions {
   hook?: HookName
 }
 
+type WithKey<K extends keyof RouteConcurrencyLimitConfig> = RouteConcurrencyLimitConfig & { [P in K]-?: RouteConcurrencyLimitConfig[P] }
+
+/**
+ * What `config.concurrencyLimit` accepts, typed for route options. Fastify
+ * infers each route's config type from the object literal and intersects it
+ * with this one, which defeats excess-property checks on an all-optional
+ * interface: `{ gruop: 'x' }` or `'off'` would type-check. As a union of
+ * shapes that each require one known key, they do not. (A typo beside a valid
+ * key still type-checks; registration refuses it.)
+ */
+export type RouteConcurrencyLimitSetting =
+  | boolean
+  | Record<string, never>
+  | WithKey<'maxConcurrency'>
+  | WithKey<'maxQueue'>
+  | WithKey<'queueTimeout'>
+  | WithKey<'group'>
+  | WithKey<'hook'>
+
 export interface ResolvedOptions {
   global: boolean
   hook: HookName

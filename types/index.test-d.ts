@@ -67,6 +67,12 @@ app.get('/on', { config: { concurrencyLimit: true } }, async () => 'x')
 expectError(app.get('/bad', { config: { concurrencyLimit: { maxConcurrency: '2' } } }, async () => 'x'))
 expectError(app.get('/bad', { config: { concurrencyLimit: { group: 3 } } }, async () => 'x'))
 expectError(app.get('/bad', { config: { concurrencyLimit: { hook: 'onResponse' } } }, async () => 'x'))
+expectError(app.get('/bad', { config: { concurrencyLimit: { gruop: 'reports' } } }, async () => 'x'))
+expectError(app.get('/bad', { config: { concurrencyLimit: 'off' } }, async () => 'x'))
+expectError(app.route({ method: 'GET', url: '/bad', config: { concurrencyLimit: { gruop: 'reports' } }, handler: async () => 'x' }))
+app.get('/empty', { config: { concurrencyLimit: {} } }, async () => 'x')
+app.get('/hook-only', { config: { concurrencyLimit: { hook: 'preHandler' } } }, async () => 'x')
+app.get('/timeout-only', { config: { concurrencyLimit: { queueTimeout: 500 } } }, async () => 'x')
 
 // The decorator.
 expectType<PoolStats>(app.concurrencyLimit.stats())
