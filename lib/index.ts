@@ -98,18 +98,24 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
   // One key per registration: a request that passes through two of them
   // (one at the root, another in a child context) holds a ticket of each.
   const key = Symbol('fastify-concurrency-limit.ticket')
-  let routesSeen = 0
+  // Child contexts inherit it: a route sees the registration nearest to it.
+  ;(fastify as unknown as Record<symbol, symbol>)[kNearest] = key
+  const seen = new Set<string>()
 
-  fastify.addHook('onRoute', (route: RouteOptions) => {
-    routesSeen++
-    const routeName = `${[route.method].flat().join(',')} ${route.url}`
-    const config = route.config?.concurrencyLimit
+  fastify.addHook('onRoute', function (this: FastifyInstance, route: RouteOptions) {
+    const methods = [route.method].flat()
+    for (const method of methods) seen.add(`${method} ${route.url}`)
+    const routeName = `${methods.join(',')} ${route.url}`
+    // A route's config speaks to the registration nearest to it; an outer one
+    // limits the route with its own pool, unless the config says `false`.
+    const own = (this as unknown as Record<symbol, symbol>)[kNearest] === key
+    const config = own || route.config?.concurrencyLimit === false ? route.config?.concurrencyLimit : undefined
     // A route's own config is the more specific word: it wins over `exempt`.
     if (config === undefined && options.exempt !== null && options.exempt(route)) return
     const resolved = resolveRouteConfig(routeName, config, options.global)
     if (resolved === null) return
-    for (const warning of resolved.warnings) fastify.log.warn(warning)
-    const admission: Admission = { limiter: pools.forRoute(routeName, config as object, resolved), rejecter, key }
+    if (own) for (const warning of resolved.warnings) fastify.log.warn(warning)
+    const admission: Admission = { limiter: pools.forRoute(routeName, route.url, config as object, resolved), rejecter, key }
     const stage: HookName = resolved.hook ?? options.hook
 
     // Route-level hooks run after the instance's own hooks of the same stage;
@@ -133,16 +139,45 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     route.handler = limitHandler(route.handler as Handler, key, routeName) as RouteOptions['handler']
   })
 
-  // Registered without `await` before the routes were added, the plugin
-  // never sees them: say so rather than limit nothing in silence.
+  // Routes added before the plugin was registered (without `await`, or
+  // another plugin's routes) are never seen by it: say so rather than leave
+  // them unlimited in silence. Only the root sees every route of the app.
   fastify.addHook('onReady', function (done) {
-    // Fastify lists no routes but prints them; a method in parentheses marks one.
-    if (routesSeen === 0 && /\([A-Z]+[,)]/.test(fastify.printRoutes({ commonPrefix: false }))) {
+    const unseen = Object.getPrototypeOf(fastify) === Object.prototype
+      ? routesOf(fastify).filter((route) => !seen.has(route))
+      : []
+    if (seen.size === 0 && unseen.length > 0) {
       fastify.log.warn('fastify-concurrency-limit limits no route: it was registered after the routes were added. ' +
         'Register it with `await fastify.register(...)` before adding routes.')
+    } else if (unseen.length > 0) {
+      fastify.log.warn(`fastify-concurrency-limit does not limit ${unseen.length} route${unseen.length === 1 ? '' : 's'} added before it was registered: ` +
+        `${unseen.slice(0, 10).join(', ')}${unseen.length > 10 ? ', ...' : ''}. Register it with \`await fastify.register(...)\` before ` +
+        'every route, and leave out the ones you mean with its exempt option.')
     }
     done()
   })
+}
+
+const kNearest = Symbol('fastify-concurrency-limit.nearest')
+
+/**
+ * Every route of the app as `METHOD /url`. Fastify lists no routes but
+ * prints them as a tree: one node a line, its depth in its indent, its
+ * methods in parentheses.
+ */
+function routesOf (fastify: FastifyInstance): string[] {
+  const routes: string[] = []
+  const path: string[] = []
+  for (const line of fastify.printRoutes({ commonPrefix: false }).split('\n')) {
+    const node = /^([│ ]*)[├└]── (.*?)(?: \(([A-Z, -]+)\))?$/.exec(line)
+    if (node === null) continue
+    const depth = node[1].length / 4
+    path.length = depth
+    path.push(node[2])
+    const url = path.join('')
+    for (const method of node[3]?.split(', ') ?? []) routes.push(`${method} ${url}`)
+  }
+  return routes
 }
 
 function limitHandler (handler: Handler, key: symbol, routeName: string): Handler {

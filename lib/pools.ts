@@ -12,8 +12,9 @@ export class Pools {
   readonly #options: ResolvedOptions
   readonly #byName = new Map<string, Limiter>()
   // A route's own pool is keyed by its config object, which Fastify shares
-  // between a GET route and the HEAD route it adds for it.
-  readonly #byConfig = new WeakMap<object, Limiter>()
+  // between a GET route and the HEAD route it adds for it, and by its URL:
+  // an application may give one config constant to several routes.
+  readonly #byConfig = new WeakMap<object, Map<string, Limiter>>()
 
   constructor (options: ResolvedOptions) {
     this.#options = options
@@ -27,23 +28,33 @@ export class Pools {
   }
 
   /** The pool a route's requests take their slots from. */
-  forRoute (route: string, config: object, resolved: ResolvedRouteConfig): Limiter {
+  forRoute (route: string, url: string, config: object, resolved: ResolvedRouteConfig): Limiter {
     const { group, pool } = resolved
     if (group !== undefined) {
       const existing = this.#byName.get(group)
-      if (existing === undefined) return this.#add(group, pool ?? {})
+      if (existing === undefined) {
+        // Naming a group that does not exist, without limits, is most likely
+        // a typo: it must not silently mean a pool of default limits.
+        if (pool === null) {
+          throw new InvalidOptionError(`route ${route}: config.concurrencyLimit.group "${group}" is not defined; ` +
+            `define it in the groups option${this.#options.groups.size > 0 ? ` (defined: ${[...this.#options.groups.keys()].join(', ')})` : ''}, or give the route its limits`)
+        }
+        return this.#add(group, pool)
+      }
       if (pool !== null && !samePool(existing, poolSettings(pool, this.#options.pool))) {
         throw new InvalidOptionError(`route ${route}: config.concurrencyLimit sets other limits for group "${group}" than it already has; set them in one place`)
       }
       return existing
     }
     if (pool === null) return this.#byName.get(DEFAULT_POOL) as Limiter
-    let limiter = this.#byConfig.get(config)
+    let byUrl = this.#byConfig.get(config)
+    if (byUrl === undefined) this.#byConfig.set(config, byUrl = new Map())
+    let limiter = byUrl.get(url)
     if (limiter === undefined) {
       let name = route
       for (let n = 2; this.#byName.has(name); n++) name = `${route} (${n})`
       limiter = this.#add(name, pool)
-      this.#byConfig.set(config, limiter)
+      byUrl.set(url, limiter)
     }
     return limiter
   }

@@ -8,6 +8,8 @@ import type { Rejecter } from './rejection.js'
 const QUEUED = 0
 const ADMITTED = 1
 const RELEASED = 2
+// Pipelined behind another request of its connection: no slot asked for yet.
+const WAITING_TURN = 3
 
 type Done = (err?: Error | null, payload?: unknown) => void
 
@@ -42,7 +44,8 @@ type TrackedSocket = Socket & { [kOpenTickets]?: Set<Ticket> }
  *   pipelining, the responses queued behind the attached one are not
  *   attached: when the client leaves, Node 20 and 22 destroy their requests
  *   (`abortIncoming`) but never emit their response's 'close' (Node 24
- *   does). The socket's
+ *   does). A request takes its slot only once its response is attached (see
+ *   `start`), but one waiting for its turn has its ticket too. The socket's
  *   own 'close' is emitted once for every connection, so the tickets of all
  *   requests open on a socket are kept in one set, with one listener per
  *   socket, and ended together when it closes.
@@ -102,7 +105,39 @@ export class Ticket implements Waiter {
       }
       open.add(this)
       this.#socketTickets = open
+      // HTTP/1.1 answers a connection's requests in order. A pipelined request
+      // whose response waits behind another's (it has no socket yet) asks for
+      // its slot when its turn comes: a slot held by a finished response that
+      // cannot be written would block the pool, and the request ahead of it
+      // on the same connection could even queue behind it until it timed out.
+      // So one connection holds at most one slot of a pool at a time.
+      if (res.socket === null) {
+        this.state = WAITING_TURN
+        res.once('socket', this.#turnCame)
+        return
+      }
     }
+    this.#ask()
+  }
+
+  // Node assigns the socket as the response ahead finishes, and emits that
+  // response's 'close' (which releases its slot) on the next tick: ask after it.
+  readonly #turnCame = (): void => {
+    process.nextTick(this.#askInTurn)
+  }
+
+  readonly #askInTurn = (): void => {
+    if (this.state !== WAITING_TURN) return
+    const { limiter, rejecter } = this.admission
+    const reason = limiter.refuse()
+    if (reason === null) this.#ask()
+    else {
+      this.state = RELEASED
+      rejecter.reject(limiter, this.request, this.reply, reason)
+    }
+  }
+
+  #ask (): void {
     const limiter = this.admission.limiter
     if (limiter.tryAcquire()) {
       this.state = ADMITTED
@@ -153,7 +188,9 @@ export class Ticket implements Waiter {
     this.responseClosed = true
     this.#socketTickets?.delete(this)
     this.#socketTickets = null
-    if (this.state === QUEUED) {
+    if (this.state === WAITING_TURN) {
+      this.state = RELEASED
+    } else if (this.state === QUEUED) {
       this.state = RELEASED
       this.admission.limiter.abandon(this)
     } else if (!this.handlerPending) {
@@ -161,23 +198,6 @@ export class Ticket implements Waiter {
     } else {
       settleReply(this.reply)
     }
-  }
-
-  /** The connection of an HTTP/1.1 request closed. */
-  connectionClose (): void {
-    const res = this.reply.raw as ServerResponse & { _closed: boolean }
-    // A response queued behind another on a pipelined connection (it has no
-    // socket yet) gets no 'close' on Node 20 and 22: emit it as Node's own
-    // onServerResponseClose does for the attached one, and Node 24 for all,
-    // so that whatever waits for it (Fastify's request.signal and
-    // reply.then, the application's clean-up, this ticket) learns that the
-    // client has left. `destroyed` is Node's own guard against a second one.
-    if (res.socket === null && !res.destroyed) {
-      res.destroyed = true
-      res._closed = true
-      res.emit('close')
-    }
-    this.responseClose()
   }
 
   release (): void {
@@ -195,7 +215,7 @@ export class Ticket implements Waiter {
 function onSocketClose (this: TrackedSocket): void {
   const open = this[kOpenTickets] as Set<Ticket>
   // Each ticket takes itself out of the set as it ends.
-  for (const ticket of open) ticket.connectionClose()
+  for (const ticket of open) ticket.responseClose()
 }
 
 function fulfilledThen (this: FastifyReply, fulfilled?: () => void): void {

@@ -30,23 +30,40 @@ function rawSocket (origin: string): Promise<Socket> {
 
 const pipelined = (...paths: string[]): string => paths.map((p) => `GET ${p} HTTP/1.1\r\nHost: x\r\n\r\n`).join('')
 
-t.test('HTTP/1.1 pipelining: responses queued behind a slow one are released when the client leaves', async (t) => {
+t.test('HTTP/1.1 pipelining: a connection holds one slot at a time; requests waiting their turn leave with their client', async (t) => {
   const app = await build(t, { maxConcurrency: 3, maxQueue: 0 })
   const gauge = new Gauge()
-  let fastDone = 0
-  app.get('/slow', async () => { await gauge.wait(); return 'slow' })
-  app.get('/fast', async () => { fastDone++; return 'fast' })
+  const ran: string[] = []
+  app.get('/slow', async () => { ran.push('slow'); await gauge.wait(); return 'slow' })
+  app.get('/fast', async () => { ran.push('fast'); return 'fast' })
   const origin = await listen(app)
-  const socket = await rawSocket(origin)
-  socket.write(pipelined('/slow', '/fast', '/fast'))
-  // The fast handlers finish; their responses wait behind /slow's in Node's queue.
-  await waitFor(() => fastDone === 2, 2000, 'the fast handlers')
-  t.equal(app.concurrencyLimit.stats().inFlight, 3, 'the queued responses hold their slots while they wait')
-  socket.destroy()
-  // /slow's handler still runs: its slot stays taken until it settles.
-  await waitFor(() => app.concurrencyLimit.stats().inFlight === 1, 2000, 'the queued responses to be released')
+
+  // In turn: each request asks for its slot when the one ahead is answered.
+  const served = await rawSocket(origin)
+  let received = ''
+  served.setEncoding('latin1')
+  served.on('data', (chunk: string) => { received += chunk })
+  served.write(pipelined('/slow', '/fast', '/fast'))
+  await waitFor(() => ran.length === 1)
+  await sleep(30)
+  t.same(app.concurrencyLimit.stats().inFlight, 1, 'the requests behind /slow take no slot yet')
+  gauge.open()
+  await waitFor(() => (received.match(/HTTP\/1\.1 200/g) ?? []).length === 3, 2000, 'three answers')
+  t.same(ran, ['slow', 'fast', 'fast'])
+  t.equal(app.concurrencyLimit.stats().peakInFlight, 1, 'never more than one slot for the connection')
+  served.destroy()
+
+  // The client leaves: the requests waiting their turn never run.
+  gauge.close()
+  ran.length = 0
+  const leaving = await rawSocket(origin)
+  leaving.write(pipelined('/slow', '/fast', '/fast'))
+  await waitFor(() => ran.length === 1)
+  leaving.destroy()
+  await sleep(30)
   gauge.open()
   await drained(t, app)
+  t.same(ran, ['slow'], 'no request of the client that left ran after it')
   const pool = client(t, origin)
   const statuses = await Promise.all([1, 2, 3].map(async () => (await get(pool, '/fast')).statusCode))
   t.same(statuses, [200, 200, 200], 'the whole pool is free again')
@@ -55,40 +72,65 @@ t.test('HTTP/1.1 pipelining: responses queued behind a slow one are released whe
 t.test('HTTP/1.1 pipelining behind an exempt route cannot lock the pool', async (t) => {
   const app = await build(t, { maxConcurrency: 2, maxQueue: 0, queueTimeout: 100 })
   const gauge = new Gauge()
-  app.get('/exempt', { config: { concurrencyLimit: false } }, async () => { await gauge.wait(); return 'x' })
-  app.get('/limited', async () => 'limited')
+  let limitedRan = 0
+  app.get('/exempt', { config: { concurrencyLimit: false } }, async () => { gauge.enter(); await gauge.wait(); return 'x' })
+  app.get('/limited', async () => { limitedRan++; return 'limited' })
   const origin = await listen(app)
   for (let i = 0; i < 2; i++) {
     const socket = await rawSocket(origin)
     socket.write(pipelined('/exempt', '/limited'))
-    await waitFor(() => app.concurrencyLimit.stats().admitted === i + 1, 2000, 'the limited request to be admitted')
+    await waitFor(() => gauge.current === i + 1, 2000, 'the exempt request to run')
+    await sleep(20)
     socket.destroy()
   }
   await drained(t, app)
+  t.equal(app.concurrencyLimit.stats().admitted, 0, 'the limited requests never took a slot')
+  t.equal(limitedRan, 0)
   const pool = client(t, origin)
   t.equal((await get(pool, '/limited')).statusCode, 200, 'an idle server serves')
   gauge.open()
 })
 
-t.test('HTTP/1.1 pipelining: queued requests of a client that left give up their queue places', async (t) => {
-  const app = await build(t, { maxConcurrency: 1, maxQueue: 2, queueTimeout: 5000 })
+t.test('HTTP/1.1 pipelining: one connection cannot fill the pool or its queue', async (t) => {
+  const app = await build(t, { maxConcurrency: 4, maxQueue: 4, queueTimeout: 1000, rejectDelay: 0 })
   const gauge = new Gauge()
-  const ran: string[] = []
-  app.get('/work', async (request) => {
-    ran.push((request.query as { id: string }).id)
-    await gauge.wait()
-    return 'done'
-  })
+  let fastRan = 0
+  app.get('/fast', async () => { fastRan++; return 'fast' })
+  app.get('/report', { config: { concurrencyLimit: { maxConcurrency: 1, maxQueue: 0 } } }, async () => { await gauge.wait(); return 'report' })
   const origin = await listen(app)
   const socket = await rawSocket(origin)
-  socket.write(pipelined('/work?id=a', '/work?id=b', '/work?id=c'))
-  await waitFor(() => app.concurrencyLimit.stats().queued === 2, 2000, 'two pipelined requests to queue')
-  socket.destroy()
-  await waitFor(() => app.concurrencyLimit.stats().queued === 0, 1000, 'the queue to empty')
+  socket.on('data', () => {})
+  socket.write(pipelined('/report', ...Array<string>(8).fill('/fast')))
+  await waitFor(() => app.concurrencyLimit.stats('GET /report').inFlight === 1)
+  await sleep(50)
+  t.match(app.concurrencyLimit.stats(), { inFlight: 0, queued: 0 }, 'the requests behind the report hold nothing')
+  const pool = client(t, origin)
+  const others = await Promise.all([1, 2, 3].map(async () => (await get(pool, '/fast')).statusCode))
+  t.same(others, [200, 200, 200], 'other clients are served meanwhile')
+  t.equal(fastRan, 3)
   gauge.open()
+  await waitFor(() => fastRan === 11, 2000, 'the pipelined requests, in turn')
+  socket.destroy()
   await drained(t, app)
-  t.same(ran, ['a'], 'no queued request of the client that left ran')
-  t.equal(app.concurrencyLimit.stats().abandoned, 2)
+})
+
+t.test('HTTP/1.1 pipelining: a request behind one that waits in a slow hook is not starved by it', async (t) => {
+  const app = await build(t, { maxConcurrency: 1, maxQueue: 10, queueTimeout: 2000 })
+  // Stands for an auth lookup that takes longer for the first request.
+  app.addHook('onRequest', async (request) => { await sleep(Number(request.headers['x-auth-ms'] ?? 0)) })
+  app.get('/a', async () => 'a')
+  const origin = await listen(app)
+  const socket = await rawSocket(origin)
+  let received = ''
+  socket.setEncoding('latin1')
+  socket.on('data', (chunk: string) => { received += chunk })
+  const started = Date.now()
+  socket.write('GET /a HTTP/1.1\r\nHost: x\r\nx-auth-ms: 50\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n')
+  await waitFor(() => (received.match(/HTTP\/1\.1 \d+/g) ?? []).length === 2, 1500, 'two answers')
+  t.same(received.match(/HTTP\/1\.1 \d+/g), ['HTTP/1.1 200', 'HTTP/1.1 200'])
+  t.ok(Date.now() - started < 1000, 'both answered without waiting out a queue timeout')
+  socket.destroy()
+  await drained(t, app)
 })
 
 t.test('undici Client with pipelining, destroyed with requests in flight, leaks nothing', async (t) => {
@@ -103,15 +145,17 @@ t.test('undici Client with pipelining, destroyed with requests in flight, leaks 
     const c = new Client(origin, { pipelining: 4 })
     // blocking: false lets undici send the next request before this one's headers.
     const pending = [300, 1, 1, 1].map((ms) => c.request({ path: `/work?ms=${ms}`, method: 'GET', blocking: false }).then((r) => r.body.dump(), () => {}))
-    admitted += 4
-    await waitFor(() => app.concurrencyLimit.stats().admitted === admitted, 2000, 'the pipelined requests to be admitted')
-    await sleep(10) // the short handlers finish; their responses wait behind the first
-    t.equal(app.concurrencyLimit.stats().inFlight, 4, 'four pipelined requests hold slots')
+    admitted += 1
+    await waitFor(() => app.concurrencyLimit.stats().admitted === admitted, 2000, 'the first request to be admitted')
+    await sleep(10)
+    t.equal(app.concurrencyLimit.stats().inFlight, 1, 'the requests behind the first wait their turn')
     await c.destroy()
     await Promise.all(pending)
+    // The first handler runs on after its client left, then all is back.
+    await waitFor(() => app.concurrencyLimit.stats().inFlight === 0, 2000, 'the round to drain')
   }
   // The 300 ms handlers run on after their client left: then all is back.
-  t.equal(app.concurrencyLimit.stats().admitted, 20)
+  t.equal(app.concurrencyLimit.stats().admitted, 5, 'only the first of each round took a slot')
 })
 
 t.test('HTTP/2: a stream reset during an earlier async hook takes no slot and runs no handler', async (t) => {
@@ -252,6 +296,51 @@ t.test('registered without await after the routes: one warning, not silence', as
   t.same(quiet.lines.map((l) => l.msg), [], 'no warning when the routes come after, or when there are none')
 })
 
+t.test('registered with await but after some routes: one warning names them', async (t) => {
+  const { stream, lines } = logLines()
+  const app = Fastify({ logger: { level: 'warn', stream } })
+  t.teardown(() => app.close())
+  app.get('/heavy', async () => 'heavy')
+  app.register(async (r) => { r.post('/early/:id', async () => 'x') }, { prefix: '/api' })
+  await app.register(concurrencyLimit, { maxConcurrency: 1 })
+  app.get('/users', async () => 'users')
+  app.get('/users/:id', { config: { concurrencyLimit: false } }, async () => 'user')
+  await app.ready()
+  const warnings = lines.filter((l) => l.level === 40)
+  t.equal(warnings.length, 1, 'one warning')
+  t.match(warnings[0].msg, /does not limit 3 routes added before it was registered: GET \/heavy, HEAD \/heavy, POST \/api\/early\/:id\./)
+})
+
+t.test('root and child registrations: a route config speaks to the nearest; the root still counts the route', async (t) => {
+  const app = Fastify({ forceCloseConnections: true })
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, { maxConcurrency: 2, maxQueue: 0, rejectDelay: 0 })
+  const gauge = new Gauge()
+  let child!: FastifyInstance
+  await app.register(async (instance) => {
+    await instance.register(concurrencyLimit, { rejectDelay: 0, groups: { exports: { maxConcurrency: 2, maxQueue: 0 } } })
+    instance.get('/export', { config: { concurrencyLimit: { group: 'exports' } } }, async () => { gauge.enter(); await gauge.wait(); return 'x' })
+    instance.get('/free', { config: { concurrencyLimit: false } }, async () => 'free')
+    child = instance
+  }, { prefix: '/c' })
+  app.get('/r', async () => { gauge.enter(); await gauge.wait(); return 'r' })
+  const pool = client(t, await listen(app))
+  gauge.close()
+  const answers = [get(pool, '/r'), get(pool, '/c/export'), get(pool, '/r'), get(pool, '/c/export')]
+  await sleep(200)
+  t.equal(gauge.peak, 2, 'the root limit of 2 holds across the child route')
+  t.same(app.concurrencyLimit.pools().map((p) => p.name), ['default'], 'the root made no pool of the child group')
+  t.same(child.concurrencyLimit.pools().map((p) => p.name), ['default', 'exports'])
+  gauge.open()
+  const statuses = (await Promise.all(answers)).map((a) => a.statusCode).sort()
+  t.same(statuses, [200, 200, 503, 503])
+  const before = [app.concurrencyLimit.stats().admitted, child.concurrencyLimit.stats().admitted]
+  t.equal((await get(pool, '/c/free')).statusCode, 200)
+  t.same([app.concurrencyLimit.stats().admitted, child.concurrencyLimit.stats().admitted], before, 'config false exempts the route from both')
+  await drained(t, app)
+  await drained(t, child, 'exports')
+})
+
 t.test('another onRoute hook that replaces the route hooks: served unlimited, one warning, never a 500', async (t) => {
   const { stream, lines } = logLines()
   const app = Fastify({ logger: { level: 'warn', stream } })
@@ -298,28 +387,6 @@ t.test('HTTP/2: an async handler that replies after its stream was reset still g
   await waitFor(() => entered === 1)
   stream.close(0x8)
   await waitFor(() => finished === 1)
-  await drained(t, app)
-})
-
-t.test('HTTP/1.1 pipelining: a queued response whose client left closes, so request.signal and clean-up run', async (t) => {
-  const app = await build(t, { maxConcurrency: 4 })
-  const gauge = new Gauge()
-  const seen: string[] = []
-  app.get('/slow', async () => { await gauge.wait(); return 'slow' })
-  app.get('/watched', async (request, reply) => {
-    request.signal.addEventListener('abort', () => seen.push('signal'))
-    reply.raw.on('close', () => seen.push('close'))
-    setTimeout(() => reply.send('late'), 20)
-    return reply
-  })
-  const origin = await listen(app)
-  const socket = await rawSocket(origin)
-  socket.write(pipelined('/slow', '/watched'))
-  await waitFor(() => app.concurrencyLimit.stats().inFlight === 2)
-  socket.destroy()
-  await waitFor(() => seen.length === 2, 1000, 'the queued response to close')
-  t.same(seen.sort(), ['close', 'signal'])
-  gauge.open()
   await drained(t, app)
 })
 

@@ -99,7 +99,6 @@ t.test('groups: routes naming a group share it, defined in options or on the fir
   app.get('/e1', { config: { concurrencyLimit: { group: 'exports', maxConcurrency: 1 } } }, holding(gauge))
   app.get('/e2', { config: { concurrencyLimit: { group: 'exports' } } }, holding(gauge))
   app.get('/d', { config: { concurrencyLimit: { group: 'default' } } }, async () => 'x')
-  app.get('/n', { config: { concurrencyLimit: { group: 'plain' } } }, async () => 'x')
   const pool = client(t, await listen(app))
   gauge.close()
   const answers = [get(pool, '/r1'), get(pool, '/r2'), get(pool, '/e1')]
@@ -111,10 +110,37 @@ t.test('groups: routes naming a group share it, defined in options or on the fir
   t.equal(app.concurrencyLimit.stats().admitted, 1)
   gauge.open()
   await Promise.all(answers)
-  t.same(app.concurrencyLimit.pools().map((p) => p.name), ['default', 'reports', 'exports', 'plain'])
-  t.match(app.concurrencyLimit.stats('plain'), { maxConcurrency: 100, maxQueue: 0, queueTimeout: 1000 }, 'a group named with no limits takes the plugin options')
+  t.same(app.concurrencyLimit.pools().map((p) => p.name), ['default', 'reports', 'exports'])
   t.match(app.concurrencyLimit.stats('reports'), { maxConcurrency: 2, admitted: 2, rejected: { queueFull: 2 } })
   t.match(app.concurrencyLimit.stats('exports'), { maxConcurrency: 1, admitted: 1, rejected: { queueFull: 1 } })
+})
+
+t.test('a route naming a group that does not exist, without limits, is an error (a typo is not a default)', async (t) => {
+  const app = await build(t, { groups: { exports: { maxConcurrency: 1 } } })
+  t.throws(() => app.get('/pdf', { config: { concurrencyLimit: { group: 'export' } } }, async () => 'x'), {
+    code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION',
+    message: /route GET \/pdf: config.concurrencyLimit.group "export" is not defined; define it in the groups option \(defined: exports\), or give the route its limits/
+  })
+  const bare = await build(t)
+  t.throws(() => bare.get('/pdf', { config: { concurrencyLimit: { group: 'export' } } }, async () => 'x'), {
+    message: /group "export" is not defined; define it in the groups option, or give/
+  })
+})
+
+t.test('routes that share one config constant get a pool each', async (t) => {
+  const app = await build(t, { rejectDelay: 0 })
+  const heavy = { maxConcurrency: 1, maxQueue: 0 }
+  const gauge = new Gauge()
+  app.get('/a', { config: { concurrencyLimit: heavy } }, holding(gauge))
+  app.get('/b', { config: { concurrencyLimit: heavy } }, holding(gauge))
+  const pool = client(t, await listen(app))
+  gauge.close()
+  const answers = [get(pool, '/a'), get(pool, '/b')]
+  await waitFor(() => gauge.current === 2, 2000, 'both routes to run at once')
+  gauge.open()
+  t.same((await Promise.all(answers)).map((a) => a.statusCode), [200, 200])
+  t.match(app.concurrencyLimit.stats('GET /a'), { admitted: 1, maxConcurrency: 1 })
+  t.match(app.concurrencyLimit.stats('GET /b'), { admitted: 1, maxConcurrency: 1 })
 })
 
 t.test('a route that sets other limits for an existing group is an error', async (t) => {
