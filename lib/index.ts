@@ -24,7 +24,9 @@ export {
   UnknownPoolError
 } from './errors.js'
 export type { RejectReason } from './limiter.js'
+export type { AdaptiveState } from './limits/limit.js'
 export type {
+  AdaptiveOptions,
   ConcurrencyLimitOptions,
   HookName,
   PoolOptions,

@@ -1,4 +1,7 @@
 import { performance } from 'node:perf_hooks'
+import type { AdaptiveState, Limit } from './limits/limit.js'
+import { FixedLimit } from './limits/fixed.js'
+import { GradientLimit } from './limits/gradient.js'
 
 export type RejectReason = 'queueFull' | 'queueTimeout' | 'closing'
 
@@ -18,14 +21,42 @@ export interface Waiter {
   reject (reason: RejectReason): void
 }
 
-export interface LimiterSettings {
-  maxConcurrency: number
-  maxQueue: number
-  queueTimeout: number
+/** The settings of an adaptive limit, filled in (see options.ts). */
+export interface AdaptiveSettings {
+  minConcurrency: number
+  initialConcurrency: number
+  tolerance: number
+  baselineInterval: number
 }
 
-export interface LimiterStats extends LimiterSettings {
+export interface LimiterSettings {
+  /** The limit; with `adaptive`, the ceiling of the limit. */
+  maxConcurrency: number
+  /** null: as many as the limit in force (adaptive pools without a maxQueue of their own). */
+  maxQueue: number | null
+  queueTimeout: number
+  /** null or unset: the limit is maxConcurrency. */
+  adaptive?: AdaptiveSettings | null
+}
+
+/** How a permit ended, as the caller of `release` saw it. */
+export const SUCCESS = 0
+/** Says nothing of the work's latency (the client left, an error): not a sample. */
+export const IGNORE = 1
+/** The work behind the pool is overloaded. */
+export const DROP = 2
+export type Outcome = typeof SUCCESS | typeof IGNORE | typeof DROP
+
+export interface LimiterStats {
   name: string
+  maxConcurrency: number
+  /** The queue's bound now (with an adaptive limit and no maxQueue set, the limit). */
+  maxQueue: number
+  queueTimeout: number
+  /** Requests admitted at once now: maxConcurrency, or the adaptive limit in force. */
+  limit: number
+  /** The adaptive limit's measures; null for a fixed limit. */
+  adaptive: AdaptiveState | null
   inFlight: number
   queued: number
   peakInFlight: number
@@ -47,20 +78,31 @@ const RATE_MAX_AGE_MS = 10_000
 const RETRY_AFTER_MAX_S = 60
 
 /**
- * Admission control for one pool: at most `maxConcurrency` permits out at
- * once, then a FIFO queue of at most `maxQueue` waiters, each of which waits
- * at most `queueTimeout` ms. Framework-free: the Fastify adapter owns what a
- * permit means for a request.
+ * Admission control for one pool: at most `limit` permits out at once, then
+ * a FIFO queue of at most `maxQueue` waiters, each of which waits at most
+ * `queueTimeout` ms. The limit is `maxConcurrency`, or what an adaptive
+ * limit (lib/limits/) makes of the latency of the permits it let out: those
+ * are timed from admission to release only then. Framework-free: the Fastify
+ * adapter owns what a permit means for a request, and tells its outcome.
  *
  * Invariant: a waiter is queued only while every slot is taken, and a freed
  * slot goes to the queue's head before any new arrival, so `queued > 0`
- * implies `inFlight === maxConcurrency`.
+ * implies `inFlight >= limit` (above it only after the limit came down).
  */
 export class Limiter {
   readonly name: string
   readonly maxConcurrency: number
-  readonly maxQueue: number
+  /** The queue's bound: fixed, or the limit in force when it follows the limit. */
+  maxQueue: number
   readonly queueTimeout: number
+  /** Permits out at once now. */
+  limit: number
+  /** True if permits are timed: the caller passes admission times to `release`. */
+  readonly adaptive: boolean
+  /** The settings the pool was made with. */
+  readonly settings: LimiterSettings
+  readonly #limit: Limit
+  readonly #queueFollowsLimit: boolean
 
   inFlight = 0
   queued = 0
@@ -93,15 +135,22 @@ export class Limiter {
 
   constructor (name: string, settings: LimiterSettings) {
     this.name = name
+    this.settings = settings
     this.maxConcurrency = settings.maxConcurrency
-    this.maxQueue = settings.maxQueue
     this.queueTimeout = settings.queueTimeout
+    this.#limit = settings.adaptive == null
+      ? new FixedLimit(settings.maxConcurrency)
+      : new GradientLimit({ ...settings.adaptive, maxConcurrency: settings.maxConcurrency })
+    this.adaptive = this.#limit.adaptive
+    this.limit = this.#limit.limit
+    this.#queueFollowsLimit = settings.maxQueue === null
+    this.maxQueue = settings.maxQueue ?? this.limit
     this.#windowStart = performance.now()
   }
 
   /** Takes a slot if one is free. The caller must `release()` it exactly once. */
   tryAcquire (): boolean {
-    if (this.inFlight >= this.maxConcurrency) return false
+    if (this.inFlight >= this.limit || this.#head !== null) return false
     const inFlight = ++this.inFlight
     this.#admitted++
     if (inFlight > this.#peakInFlight) this.#peakInFlight = inFlight
@@ -114,7 +163,7 @@ export class Limiter {
    * it allocates anything for the request.
    */
   refuse (): RejectReason | null {
-    if (this.inFlight < this.maxConcurrency) return null
+    if (this.inFlight < this.limit && this.#head === null) return null
     if (this.closing) {
       this.#rejectedClosing++
       return 'closing'
@@ -160,10 +209,14 @@ export class Limiter {
    * on the next tick: a release runs inside the response's 'close' event, and
    * the other listeners of that event (the application's clean-up, Fastify's
    * stream teardown) must run before new work starts in its place.
+   *
+   * With an adaptive limit, `admittedAt` (performance.now() when the permit
+   * was taken) and the outcome make a sample of the work's latency.
    */
-  release (): void {
+  release (admittedAt = 0, outcome: Outcome = SUCCESS): void {
     this.#completed++
     this.#countCompletion()
+    if (this.adaptive && outcome !== IGNORE) this.#sample(admittedAt, outcome === DROP)
     if (this.#head === null) {
       this.inFlight--
       return
@@ -171,10 +224,19 @@ export class Limiter {
     process.nextTick(this.#handOff)
   }
 
+  #sample (admittedAt: number, didDrop: boolean): void {
+    const now = performance.now()
+    const limit = this.#limit
+    limit.onSample(admittedAt, now - admittedAt, this.inFlight, didDrop)
+    this.limit = limit.limit
+    if (this.#queueFollowsLimit) this.maxQueue = this.limit
+  }
+
   #handOff = (): void => {
     this.inFlight--
     let waiter = this.#head
-    while (waiter !== null) {
+    // One slot came back; more if the limit went up, none if it came down.
+    while (waiter !== null && this.inFlight < this.limit) {
       this.#unlink(waiter)
       this.inFlight++
       if (waiter.admit()) {
@@ -183,10 +245,11 @@ export class Limiter {
         this.#waitCount++
         this.#waitTotal += waited
         if (waited > this.#waitMax) this.#waitMax = waited
-        return
+        if (this.inFlight > this.#peakInFlight) this.#peakInFlight = this.inFlight
+      } else {
+        this.inFlight--
+        this.#abandoned++
       }
-      this.inFlight--
-      this.#abandoned++
       waiter = this.#head
     }
   }
@@ -247,6 +310,8 @@ export class Limiter {
       maxConcurrency: this.maxConcurrency,
       maxQueue: this.maxQueue,
       queueTimeout: this.queueTimeout,
+      limit: this.limit,
+      adaptive: this.#limit.state(),
       inFlight: this.inFlight,
       queued: this.queued,
       peakInFlight: this.#peakInFlight,

@@ -1,17 +1,47 @@
 import { STATUS_CODES } from 'node:http'
 import type { FastifyRequest, RouteOptions } from 'fastify'
 import { InvalidOptionError } from './errors.js'
-import type { LimiterSettings, RejectReason } from './limiter.js'
+import type { AdaptiveSettings, LimiterSettings, RejectReason } from './limiter.js'
 
 /** The lifecycle stage at which a request asks for a slot. */
 export type HookName = 'onRequest' | 'preParsing' | 'preValidation' | 'preHandler'
 
+/** Settings of an adaptive limit (`adaptive: true` takes every default). */
+export interface AdaptiveOptions {
+  /** The limit never goes below this. Integer >= 1. Default 1. */
+  minConcurrency?: number
+  /** The limit before the first measure. Integer >= 1. Default 20, within [minConcurrency, maxConcurrency]. */
+  initialConcurrency?: number
+  /**
+   * How much slower than its baseline (its latency without queueing) the
+   * work may get before the limit comes down: 0.25 = 25%. Number > 0, at most 10. Default 0.25.
+   */
+  tolerance?: number
+  /**
+   * Milliseconds the baseline may go unconfirmed while the pool is busy
+   * before it is measured again (one window at a lower limit). Integer >= 1. Default 10000.
+   */
+  baselineInterval?: number
+}
+
 /** Settings of one pool of slots. */
 export interface PoolOptions {
-  /** Requests of this pool in flight at once. Integer >= 1. Default 100. */
+  /**
+   * Requests of this pool in flight at once. Integer >= 1. Default 100.
+   * With `adaptive`: the ceiling of the limit, default 1000.
+   */
   maxConcurrency?: number
-  /** Requests waiting for a slot. Integer >= 0, 0 = no queue. Default: maxConcurrency. */
+  /**
+   * Requests waiting for a slot. Integer >= 0, 0 = no queue. Default:
+   * maxConcurrency; with `adaptive`, the limit in force.
+   */
   maxQueue?: number
+  /**
+   * Move the limit with the latency of the requests admitted: `true` or the
+   * algorithm's settings. `false`: a fixed limit, whatever the plugin's
+   * options say. Default false.
+   */
+  adaptive?: boolean | AdaptiveOptions
   /** Milliseconds a request may wait in the queue before it is answered. Integer >= 0. Default 1000. */
   queueTimeout?: number
 }
@@ -104,6 +134,7 @@ export type RouteConcurrencyLimitSetting =
   | WithKey<'maxConcurrency'>
   | WithKey<'maxQueue'>
   | WithKey<'queueTimeout'>
+  | WithKey<'adaptive'>
   | WithKey<'group'>
   | WithKey<'hook'>
 
@@ -126,6 +157,14 @@ export interface ResolvedOptions {
 }
 
 export const DEFAULT_MAX_CONCURRENCY = 100
+/** The ceiling of an adaptive limit unless maxConcurrency is set. */
+export const DEFAULT_ADAPTIVE_MAX_CONCURRENCY = 1000
+export const DEFAULT_ADAPTIVE: AdaptiveSettings = Object.freeze({
+  minConcurrency: 1,
+  initialConcurrency: 20,
+  tolerance: 0.25,
+  baselineInterval: 10_000
+})
 export const DEFAULT_QUEUE_TIMEOUT = 1000
 export const DEFAULT_MAX_HELD_REJECTIONS = 10_000
 export const DEFAULT_REJECT_DELAY = 1000
@@ -142,7 +181,8 @@ export const MAX_RETRY_AFTER = 2 ** 31 - 1
 const PLAUSIBLE_MS = 100
 
 const HOOKS: readonly HookName[] = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
-const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout'] as const
+const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout', 'adaptive'] as const
+const ADAPTIVE_KEYS = new Set<string>(['minConcurrency', 'initialConcurrency', 'tolerance', 'baselineInterval'])
 const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'global', 'hook', 'exempt', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject', 'maxConnections'])
 const ROUTE_KEYS = new Set<string>([...POOL_KEYS, 'group', 'hook'])
 const GROUP_KEYS = new Set<string>(POOL_KEYS)
@@ -190,8 +230,39 @@ function checkMilliseconds (where: string, key: string, value: unknown, tooShort
   }
 }
 
+function checkAdaptive (where: string, adaptive: unknown): false | AdaptiveOptions {
+  if (typeof adaptive === 'boolean') return adaptive ? {} : false
+  if (!isPlainObject(adaptive)) fail(where, 'adaptive', 'true, false or an object of adaptive settings', adaptive)
+  const at = `${where}adaptive.`
+  checkKeys(at, adaptive, ADAPTIVE_KEYS)
+  const { minConcurrency, initialConcurrency, tolerance, baselineInterval } = adaptive
+  const options: AdaptiveOptions = {}
+  if (minConcurrency !== undefined) {
+    if (!(Number.isSafeInteger(minConcurrency) && (minConcurrency as number) >= 1)) fail(at, 'minConcurrency', 'an integer >= 1', minConcurrency)
+    options.minConcurrency = minConcurrency as number
+  }
+  if (initialConcurrency !== undefined) {
+    if (!(Number.isSafeInteger(initialConcurrency) && (initialConcurrency as number) >= 1)) fail(at, 'initialConcurrency', 'an integer >= 1', initialConcurrency)
+    options.initialConcurrency = initialConcurrency as number
+  }
+  if (tolerance !== undefined) {
+    if (!(typeof tolerance === 'number' && tolerance > 0 && tolerance <= 10)) fail(at, 'tolerance', 'a number > 0 and <= 10 (0.25 = 25% slower than the baseline)', tolerance)
+    options.tolerance = tolerance
+  }
+  if (baselineInterval !== undefined) {
+    if (!(Number.isInteger(baselineInterval) && (baselineInterval as number) >= 1 && (baselineInterval as number) <= MAX_TIMEOUT)) {
+      fail(at, 'baselineInterval', `an integer number of milliseconds from 1 to ${MAX_TIMEOUT}`, baselineInterval)
+    }
+    options.baselineInterval = baselineInterval as number
+  }
+  if (options.minConcurrency !== undefined && options.initialConcurrency !== undefined && options.initialConcurrency < options.minConcurrency) {
+    fail(at, 'initialConcurrency', `>= minConcurrency (${options.minConcurrency})`, options.initialConcurrency)
+  }
+  return options
+}
+
 function checkPool (where: string, value: Record<string, unknown>, warnings: string[]): PoolOptions {
-  const { maxConcurrency, maxQueue, queueTimeout } = value
+  const { maxConcurrency, maxQueue, queueTimeout, adaptive } = value
   if (maxConcurrency !== undefined && !(Number.isSafeInteger(maxConcurrency) && (maxConcurrency as number) >= 1)) {
     fail(where, 'maxConcurrency', 'an integer >= 1', maxConcurrency)
   }
@@ -205,6 +276,13 @@ function checkPool (where: string, value: Record<string, unknown>, warnings: str
   if (maxConcurrency !== undefined) pool.maxConcurrency = maxConcurrency as number
   if (maxQueue !== undefined) pool.maxQueue = maxQueue as number
   if (queueTimeout !== undefined) pool.queueTimeout = queueTimeout as number
+  if (adaptive !== undefined) {
+    pool.adaptive = checkAdaptive(where, adaptive)
+    const min = pool.adaptive === false ? undefined : pool.adaptive.minConcurrency
+    if (min !== undefined && pool.maxConcurrency !== undefined && min > pool.maxConcurrency) {
+      fail(where, 'adaptive.minConcurrency', `<= maxConcurrency (${pool.maxConcurrency}), the ceiling of the limit`, min)
+    }
+  }
   return pool
 }
 
@@ -340,14 +418,36 @@ export function resolveRouteConfig (route: string, config: unknown, global: bool
  * Little's law a full queue then adds about one service time of waiting.
  */
 export function poolSettings (own: PoolOptions, plugin: PoolOptions): LimiterSettings {
-  const maxConcurrency = own.maxConcurrency ?? plugin.maxConcurrency ?? DEFAULT_MAX_CONCURRENCY
+  const given = own.adaptive ?? plugin.adaptive ?? false
+  const adaptive = given === false ? null : { ...DEFAULT_ADAPTIVE, ...given as AdaptiveOptions }
+  const maxConcurrency = own.maxConcurrency ?? plugin.maxConcurrency ??
+    (adaptive === null ? DEFAULT_MAX_CONCURRENCY : DEFAULT_ADAPTIVE_MAX_CONCURRENCY)
+  if (adaptive !== null) {
+    // An adaptive limit starts and stays within [minConcurrency, maxConcurrency].
+    if (adaptive.minConcurrency > maxConcurrency) {
+      throw new InvalidOptionError(`adaptive.minConcurrency must be <= maxConcurrency (${maxConcurrency}), the ceiling of the limit, received ${adaptive.minConcurrency}`)
+    }
+    if (adaptive.initialConcurrency > maxConcurrency && (given as AdaptiveOptions).initialConcurrency !== undefined) {
+      throw new InvalidOptionError(`adaptive.initialConcurrency must be <= maxConcurrency (${maxConcurrency}), received ${adaptive.initialConcurrency}`)
+    }
+    // The default start, within the pool's bounds.
+    adaptive.initialConcurrency = Math.min(maxConcurrency, Math.max(adaptive.minConcurrency, adaptive.initialConcurrency))
+  }
   return {
     maxConcurrency,
-    maxQueue: own.maxQueue ?? plugin.maxQueue ?? maxConcurrency,
-    queueTimeout: own.queueTimeout ?? plugin.queueTimeout ?? DEFAULT_QUEUE_TIMEOUT
+    maxQueue: own.maxQueue ?? plugin.maxQueue ?? (adaptive === null ? maxConcurrency : null),
+    queueTimeout: own.queueTimeout ?? plugin.queueTimeout ?? DEFAULT_QUEUE_TIMEOUT,
+    adaptive
   }
 }
 
 export function samePool (a: LimiterSettings, b: LimiterSettings): boolean {
-  return a.maxConcurrency === b.maxConcurrency && a.maxQueue === b.maxQueue && a.queueTimeout === b.queueTimeout
+  return a.maxConcurrency === b.maxConcurrency && a.maxQueue === b.maxQueue && a.queueTimeout === b.queueTimeout &&
+    sameAdaptive(a.adaptive ?? null, b.adaptive ?? null)
+}
+
+function sameAdaptive (a: AdaptiveSettings | null, b: AdaptiveSettings | null): boolean {
+  if (a === null || b === null) return a === b
+  return a.minConcurrency === b.minConcurrency && a.initialConcurrency === b.initialConcurrency &&
+    a.tolerance === b.tolerance && a.baselineInterval === b.baselineInterval
 }

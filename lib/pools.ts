@@ -41,7 +41,7 @@ export class Pools {
         }
         return this.#add(group, pool)
       }
-      if (pool !== null && !samePool(existing, poolSettings(pool, this.#options.pool))) {
+      if (pool !== null && !samePool(existing.settings, poolSettings(pool, this.#options.pool))) {
         throw new InvalidOptionError(`route ${route}: config.concurrencyLimit sets other limits for group "${group}" than it already has; set them in one place`)
       }
       return existing

@@ -2,7 +2,8 @@ import type { ServerResponse } from 'node:http'
 import type { Http2Stream } from 'node:http2'
 import type { Socket } from 'node:net'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import type { Limiter, RejectReason, Waiter } from './limiter.js'
+import { performance } from 'node:perf_hooks'
+import { IGNORE, SUCCESS, type Limiter, type Outcome, type RejectReason, type Waiter } from './limiter.js'
 import type { Rejecter } from './rejection.js'
 
 const QUEUED = 0
@@ -61,6 +62,8 @@ export class Ticket implements Waiter {
   next: Waiter | null = null
   enqueuedAt = 0
   deadline = 0
+  /** When the slot was taken, for an adaptive limit only. */
+  admittedAt = 0
 
   state = RELEASED
   responseClosed = false
@@ -140,6 +143,7 @@ export class Ticket implements Waiter {
   #ask (): void {
     const limiter = this.admission.limiter
     if (limiter.tryAcquire()) {
+      if (limiter.adaptive) this.admittedAt = performance.now()
       this.state = ADMITTED
       this.continue()
       return
@@ -163,6 +167,7 @@ export class Ticket implements Waiter {
       this.state = RELEASED
       return false
     }
+    if (this.admission.limiter.adaptive) this.admittedAt = performance.now()
     this.state = ADMITTED
     this.continue()
     return true
@@ -203,13 +208,30 @@ export class Ticket implements Waiter {
   release (): void {
     if (this.state !== ADMITTED) return
     this.state = RELEASED
-    this.admission.limiter.release()
+    const limiter = this.admission.limiter
+    if (limiter.adaptive) limiter.release(this.admittedAt, outcomeOf(this.reply))
+    else limiter.release()
   }
 
   continue (): void {
     if (this.payload === undefined) this.done()
     else this.done(null, this.payload)
   }
+}
+
+/**
+ * What a released request tells an adaptive limit. Only a response sent in
+ * full with a status below 400 is a latency sample. A request whose client
+ * left is not: it holds its slot until its handler settles, but it ended
+ * without an answer, and counting it would make an overload that drives
+ * clients away look fast. Nor is an error: an error answered at once is
+ * fast for reasons that say nothing of the work's capacity (a bug, a
+ * validation failure), and taking every 5xx as overload would let one
+ * failing route cut the limit of its pool to the minimum.
+ */
+function outcomeOf (reply: FastifyReply): Outcome {
+  const res = reply.raw as ServerResponse
+  return res.writableFinished && res.statusCode < 400 ? SUCCESS : IGNORE
 }
 
 function onSocketClose (this: TrackedSocket): void {

@@ -33,6 +33,10 @@ app.register(concurrencyLimit, {
   groups: { reports: { maxConcurrency: 2 } }
 })
 app.register(concurrencyLimit, { retryAfter: 2 })
+app.register(concurrencyLimit, { adaptive: true, maxConcurrency: 1000 })
+app.register(concurrencyLimit, { adaptive: { minConcurrency: 2, initialConcurrency: 10, tolerance: 0.5, baselineInterval: 5000 }, groups: { db: { adaptive: false } } })
+expectError(app.register(concurrencyLimit, { adaptive: 'yes' }))
+expectError(app.register(concurrencyLimit, { adaptive: { minConcurency: 2 } }))
 app.register(concurrencyLimit, { rejectDelay: 0, maxHeldRejections: 100, closeOnReject: true, maxConnections: 5000 })
 
 app.register(concurrencyLimit, { exempt: ['/status', /^\/docs/] })
@@ -73,6 +77,8 @@ expectError(app.route({ method: 'GET', url: '/bad', config: { concurrencyLimit: 
 app.get('/empty', { config: { concurrencyLimit: {} } }, async () => 'x')
 app.get('/hook-only', { config: { concurrencyLimit: { hook: 'preHandler' } } }, async () => 'x')
 app.get('/timeout-only', { config: { concurrencyLimit: { queueTimeout: 500 } } }, async () => 'x')
+app.get('/adaptive', { config: { concurrencyLimit: { adaptive: { minConcurrency: 2 } } } }, async () => 'x')
+expectError(app.get('/bad', { config: { concurrencyLimit: { adaptive: { minConcurrency: '2' } } } }, async () => 'x'))
 
 // The decorator.
 expectType<PoolStats>(app.concurrencyLimit.stats())
@@ -85,6 +91,8 @@ expectType<number>(stats.rejected.queueFull)
 expectType<number>(stats.queueWait.meanMs)
 expectError(app.concurrencyLimit.stats(1))
 expectType<number>(stats.heldRejections)
+expectType<number>(stats.limit)
+expectType<number | null | undefined>(stats.adaptive?.baselineMs)
 expectType<ConnectionStats | null>(app.concurrencyLimit.connections())
 
 // Errors carry their codes.

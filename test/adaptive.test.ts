@@ -1,0 +1,278 @@
+import t from 'tap'
+import { performance } from 'node:perf_hooks'
+import { setTimeout as sleep } from 'node:timers/promises'
+import Fastify from 'fastify'
+import { request as httpRequest } from 'node:http'
+import concurrencyLimit from '../lib/index.js'
+import { DROP, IGNORE, Limiter, SUCCESS, type RejectReason, type Waiter } from '../lib/limiter.js'
+import { FixedLimit } from '../lib/limits/fixed.js'
+import { GradientLimit } from '../lib/limits/gradient.js'
+import { DEFAULT_ADAPTIVE, poolSettings, resolveOptions, resolveRouteConfig, samePool } from '../lib/options.js'
+
+const tick = () => new Promise<void>((resolve) => process.nextTick(resolve))
+
+class TestWaiter implements Waiter {
+  prev: Waiter | null = null
+  next: Waiter | null = null
+  enqueuedAt = 0
+  deadline = 0
+  admitted = false
+  alive = true
+  admit (): boolean {
+    if (!this.alive) return false
+    this.admitted = true
+    return true
+  }
+
+  reject (_reason: RejectReason): void {}
+}
+
+const gradient = (over: object = {}) => new GradientLimit({ ...DEFAULT_ADAPTIVE, maxConcurrency: 100, ...over })
+
+t.test('a fixed limit never moves and has no state', async (t) => {
+  const fixed = new FixedLimit(7)
+  fixed.onSample()
+  t.equal(fixed.limit, 7)
+  t.equal(fixed.adaptive, false)
+  t.equal(fixed.state(), null)
+})
+
+t.test('gradient: no state before the first window; a drop cuts the limit by a tenth', async (t) => {
+  const limit = gradient({ initialConcurrency: 50 })
+  t.same(limit.state(), { baselineMs: null, recentMs: null })
+  limit.onSample(0, 10, 50, true)
+  t.equal(limit.limit, 50, 'not before the window is over')
+  limit.onSample(0, 60, 50, true)
+  t.equal(limit.limit, 45)
+  t.same(limit.state(), { baselineMs: null, recentMs: null }, 'a drop is no latency sample')
+})
+
+t.test('gradient: a window of requests admitted under an older limit says nothing', async (t) => {
+  const limit = gradient({ initialConcurrency: 50 })
+  for (let i = 0; i < 10; i++) limit.onSample(i, 60, 50, false)
+  t.equal(limit.state().baselineMs, 60)
+  // The limit grew at 69 ms: requests admitted before are not samples of it.
+  const grown = limit.limit
+  t.ok(grown > 50)
+  limit.onSample(0, 200, grown, false)
+  t.equal(limit.limit, grown)
+  t.equal(limit.state().recentMs, 60)
+})
+
+t.test('gradient: a slow window while app-limited does not cut the limit', async (t) => {
+  const limit = gradient({ initialConcurrency: 50 })
+  for (let i = 0; i < 10; i++) limit.onSample(i, 50, 50, false)
+  const before = limit.limit
+  for (let i = 0; i < 12; i++) limit.onSample(200 + i, 500, 3, false)
+  t.equal(limit.state().recentMs, 500)
+  t.equal(limit.limit, before)
+})
+
+t.test('gradient: latency that does not follow the limit down makes a new baseline', async (t) => {
+  const limit = gradient({ initialConcurrency: 64, minConcurrency: 2 })
+  let now = 0
+  const window = (rtt: number, count = 10): void => {
+    const start = now
+    for (let i = 0; i < count; i++) limit.onSample(start + i * 0.01, rtt, limit.limit, false)
+    now = start + rtt + Math.max(50, 2 * rtt) + 1
+  }
+  window(50)
+  t.equal(limit.state().baselineMs, 50)
+  // The work is now 4x slower at any concurrency: cuts in a row, then the
+  // limit is halved while the latency still falls, and it does not.
+  const limits: number[] = []
+  for (let i = 0; i < 8 && limit.state().baselineMs !== 200; i++) {
+    window(200)
+    limits.push(limit.limit)
+  }
+  t.equal(limit.state().baselineMs, 200, `the baseline follows (limits ${limits.join(', ')})`)
+  // Windows of drops only while measuring change nothing.
+  const held = limit.limit
+  limit.onSample(now, 1000, held, true)
+  t.equal(limit.limit, held)
+})
+
+t.test('gradient: a window of drops only, while the baseline is measured, changes nothing', async (t) => {
+  const limit = gradient({ initialConcurrency: 20, baselineInterval: 1 })
+  for (let i = 0; i < 10; i++) limit.onSample(i, 50, 20, false)
+  t.equal(limit.limit, 25)
+  // Slower than the baseline, not by enough to cut: a measure is due.
+  for (let i = 0; i < 10; i++) limit.onSample(110 + i, 58, 25, false)
+  const measuring = limit.limit
+  t.ok(measuring < 25, `lowered to ${measuring} to measure`)
+  limit.onSample(400, 100, measuring, true)
+  t.equal(limit.limit, measuring)
+  t.equal(limit.state().recentMs, 58)
+})
+
+t.test('gradient: stays within min and max', async (t) => {
+  const limit = gradient({ initialConcurrency: 3, minConcurrency: 3, maxConcurrency: 4 })
+  for (let w = 0; w < 4; w++) {
+    for (let i = 0; i < 10; i++) limit.onSample(w * 200 + i, 60, limit.limit, false)
+  }
+  t.equal(limit.limit, 4)
+  for (let i = 0; i < 10; i++) limit.onSample(1000 + i, 6000, 4, false)
+  t.equal(limit.limit, 3)
+})
+
+function adaptiveLimiter (initialConcurrency: number, maxQueue: number | null = null) {
+  return new Limiter('a', {
+    maxConcurrency: 10,
+    maxQueue,
+    queueTimeout: 60_000,
+    adaptive: { ...DEFAULT_ADAPTIVE, initialConcurrency, minConcurrency: 1 }
+  })
+}
+
+t.test('limiter: admits against the adaptive limit, the queue follows it, a rise admits more waiters', async (t) => {
+  const limiter = adaptiveLimiter(2)
+  t.equal(limiter.adaptive, true)
+  t.match(limiter.stats(), { limit: 2, maxQueue: 2, maxConcurrency: 10, adaptive: { baselineMs: null } })
+  const first = performance.now()
+  for (let i = 0; i < 9; i++) {
+    t.ok(limiter.tryAcquire())
+    t.ok(limiter.tryAcquire())
+    limiter.release(performance.now() - 1)
+    limiter.release(performance.now() - 1)
+  }
+  t.ok(limiter.tryAcquire())
+  t.ok(limiter.tryAcquire())
+  t.notOk(limiter.tryAcquire())
+  const waiters = [new TestWaiter(), new TestWaiter(), new TestWaiter()]
+  t.equal(limiter.enqueue(waiters[0]), null)
+  t.equal(limiter.enqueue(waiters[1]), null)
+  t.equal(limiter.enqueue(waiters[2]), 'queueFull', 'the queue holds as many as the limit')
+  limiter.release(performance.now() - 1, IGNORE)
+  await tick()
+  t.ok(waiters[0].admitted, 'an ignored release still hands its slot on')
+  await sleep(Math.max(0, 60 - (performance.now() - first)))
+  limiter.release(performance.now() - 1, SUCCESS)
+  t.equal(limiter.limit, 4, 'the window closed: the limit grew')
+  t.equal(limiter.maxQueue, 4)
+  t.equal(limiter.enqueue(waiters[2]), null)
+  const late = new TestWaiter()
+  late.alive = false
+  t.equal(limiter.enqueue(late), null)
+  await tick()
+  t.ok(waiters[1].admitted && waiters[2].admitted, 'both admitted at once')
+  t.equal(limiter.inFlight, 3)
+  const stats = limiter.stats()
+  t.match(stats, { limit: 4, abandoned: 1 })
+  t.ok(Math.abs((stats.adaptive?.baselineMs as number) - 1) < 0.5)
+  limiter.release(performance.now() - 1, DROP)
+})
+
+t.test('limiter: a limit that came down hands no slot on until in-flight is below it', async (t) => {
+  const limiter = adaptiveLimiter(3, 5)
+  for (let i = 0; i < 3; i++) t.ok(limiter.tryAcquire())
+  const waiter = new TestWaiter()
+  t.equal(limiter.enqueue(waiter), null)
+  limiter.limit = 1
+  limiter.release(performance.now(), IGNORE)
+  await tick()
+  t.notOk(waiter.admitted)
+  t.equal(limiter.inFlight, 2)
+  t.equal(limiter.maxQueue, 5, 'a maxQueue set stays')
+  limiter.close()
+})
+
+t.test('options: adaptive is validated and filled in', async (t) => {
+  t.same(resolveOptions({ adaptive: true }).pool, { adaptive: {} })
+  t.same(resolveOptions({ adaptive: false }).pool, { adaptive: false })
+  const all = { minConcurrency: 2, initialConcurrency: 3, tolerance: 0.5, baselineInterval: 5000 }
+  t.same(resolveOptions({ adaptive: all }).pool, { adaptive: all })
+  const bad: Array<[unknown, RegExp]> = [
+    ['yes', /adaptive must be true, false or an object of adaptive settings, received "yes"/],
+    [{ min: 1 }, /adaptive\.min is not an option/],
+    [{ minConcurrency: 0 }, /adaptive\.minConcurrency must be an integer >= 1, received 0/],
+    [{ initialConcurrency: 1.5 }, /adaptive\.initialConcurrency must be an integer >= 1, received 1.5/],
+    [{ tolerance: 0 }, /adaptive\.tolerance must be a number > 0 and <= 10.*received 0/],
+    [{ baselineInterval: 0 }, /adaptive\.baselineInterval must be an integer number of milliseconds from 1.*received 0/],
+    [{ minConcurrency: 5, initialConcurrency: 2 }, /adaptive\.initialConcurrency must be >= minConcurrency \(5\), received 2/]
+  ]
+  for (const [adaptive, message] of bad) {
+    t.throws(() => resolveOptions({ adaptive }), { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message })
+  }
+  t.throws(() => resolveOptions({ maxConcurrency: 4, adaptive: { minConcurrency: 5 } }), { message: /adaptive\.minConcurrency must be <= maxConcurrency \(4\).*received 5/ })
+  t.throws(() => resolveOptions({ groups: { g: { adaptive: 1 } } }), { message: /groups\.g\.adaptive must be/ })
+  t.throws(() => resolveRouteConfig('GET /', { adaptive: { tolerance: 'high' } }, true), { message: /route GET \/: config\.concurrencyLimit\.adaptive\.tolerance/ })
+  t.same(resolveRouteConfig('GET /', { adaptive: { minConcurrency: 2 } }, true)?.pool, { adaptive: { minConcurrency: 2 } })
+
+  const plugin = { adaptive: {} }
+  t.same(poolSettings({}, plugin), { maxConcurrency: 1000, maxQueue: null, queueTimeout: 1000, adaptive: DEFAULT_ADAPTIVE })
+  t.match(poolSettings({ maxConcurrency: 5 }, plugin), { maxConcurrency: 5, adaptive: { initialConcurrency: 5 } })
+  t.match(poolSettings({ maxQueue: 3, adaptive: false }, plugin), { maxConcurrency: 100, maxQueue: 3, adaptive: null })
+  t.throws(() => poolSettings({ adaptive: { minConcurrency: 20 } }, { maxConcurrency: 10 }), { message: /minConcurrency must be <= maxConcurrency \(10\)/ })
+  t.throws(() => poolSettings({ adaptive: { initialConcurrency: 20 } }, { maxConcurrency: 10 }), { message: /initialConcurrency must be <= maxConcurrency \(10\), received 20/ })
+  const a = poolSettings({ adaptive: { tolerance: 0.5 } }, {})
+  t.ok(samePool(a, poolSettings({ adaptive: { tolerance: 0.5 } }, {})))
+  t.notOk(samePool(a, poolSettings({ adaptive: { tolerance: 0.4 } }, {})))
+  t.notOk(samePool(a, poolSettings({ maxConcurrency: 1000 }, {})))
+  t.ok(samePool(poolSettings({}, {}), poolSettings({}, {})))
+})
+
+function get (port: number, path: string, abortAfter?: number): Promise<number> {
+  return new Promise((resolve) => {
+    const req = httpRequest({ port, path, host: '127.0.0.1', agent: false }, (res) => {
+      res.resume()
+      res.on('end', () => { resolve(res.statusCode ?? 0) })
+    })
+    req.on('error', () => { resolve(0) })
+    req.end()
+    if (abortAfter !== undefined) setTimeout(() => { req.destroy(); resolve(0) }, abortAfter)
+  })
+}
+
+t.test('plugin: an adaptive pool moves its limit; groups and routes take adaptive too', async (t) => {
+  const app = Fastify({ forceCloseConnections: true })
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, {
+    adaptive: { initialConcurrency: 2 },
+    maxConcurrency: 50,
+    groups: { fixed: { adaptive: false, maxConcurrency: 3 }, other: { adaptive: { minConcurrency: 2 } } }
+  })
+  app.get('/work', async () => { await sleep(20); return 'ok' })
+  app.get('/fixed', { config: { concurrencyLimit: { group: 'fixed' } } }, async () => 'ok')
+  app.get('/own', { config: { concurrencyLimit: { adaptive: { minConcurrency: 2, initialConcurrency: 3 } } } }, async () => 'ok')
+  app.get('/other', { config: { concurrencyLimit: { group: 'other', adaptive: { minConcurrency: 2 } } } }, async () => 'ok')
+  await t.rejects(async () => {
+    const child = Fastify()
+    await child.register(concurrencyLimit, { groups: { g: { adaptive: true } } })
+    child.get('/x', { config: { concurrencyLimit: { group: 'g', adaptive: { tolerance: 1 } } } }, async () => 'x')
+    await child.ready()
+  }, { message: /sets other limits for group "g"/ })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  t.match(app.concurrencyLimit.stats(), { limit: 2, maxConcurrency: 50, maxQueue: 2, adaptive: { baselineMs: null, recentMs: null } })
+  t.match(app.concurrencyLimit.stats('fixed'), { limit: 3, maxQueue: 3, adaptive: null })
+  t.match(app.concurrencyLimit.pools().find((p) => p.name.endsWith('/own')), { limit: 3 })
+  const started = performance.now()
+  while (performance.now() - started < 1000) {
+    // A third waits in the queue at first.
+    await Promise.all([get(port, '/work'), get(port, '/work'), get(port, '/work')])
+  }
+  const stats = app.concurrencyLimit.stats()
+  t.ok(stats.limit > 2, `the limit grew: ${stats.limit}`)
+  t.ok((stats.adaptive?.baselineMs as number) >= 19, `baseline ${stats.adaptive?.baselineMs} ms`)
+  t.equal(await get(port, '/fixed'), 200)
+})
+
+t.test('plugin: requests whose client left, and errors, are not fast successes', async (t) => {
+  const app = Fastify({ forceCloseConnections: true })
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, { adaptive: { initialConcurrency: 4 } })
+  app.get('/slow', async () => { await sleep(100); return 'ok' })
+  app.get('/sync', (_request, reply) => { setTimeout(() => reply.send('late'), 100) })
+  app.get('/error', async () => { throw new Error('boom') })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  for (let round = 0; round < 8; round++) {
+    await Promise.all([
+      get(port, '/slow', 5), get(port, '/sync', 5), get(port, '/error'), get(port, '/error')
+    ])
+    await sleep(110)
+  }
+  const stats = app.concurrencyLimit.stats()
+  t.equal(stats.adaptive?.baselineMs, null, 'no sample came from them')
+  t.ok(stats.completed > 0)
+})
