@@ -28,8 +28,25 @@ export interface GateInput {
   moderate: { errors: number, timeouts: number, non2xx: number }
   /** Minimum goodput at 10x, as a fraction of capacity (the lower of nominal and measured). */
   minGoodputRatio: number
-  /** Closed-loop retry storm, bare and plugin, 2xx per second. */
-  storm: { bareOkPerS: number, pluginOkPerS: number, ideal: number, minRatio: number }
+  /** Closed-loop retry storm (maxConcurrency 100, 20 ms route), 2xx per second. */
+  storm: {
+    /** Bare Fastify under the storm. */
+    bareOkPerS: number
+    /** The plugin under the storm. */
+    pluginOkPerS: number
+    /**
+     * The plugin's server in a closed loop of exactly maxConcurrency
+     * connections (every request admitted at once: no queue, no refusal),
+     * just before the storm and just after: what it serves at its limit on
+     * this machine in this run. The storm is held to the mean of the two, so
+     * that a neighbour who starts or stops during the run moves the bar too.
+     */
+    capacityBeforePerS: number
+    capacityAfterPerS: number
+    /** maxConcurrency / service time. */
+    ideal: number
+    minRatio: number
+  }
 }
 
 export function capacity (maxConcurrency: number, serviceTimeMs: number): number {
@@ -38,14 +55,23 @@ export function capacity (maxConcurrency: number, serviceTimeMs: number): number
 
 /**
  * Under a retry storm the plugin must serve at least `minRatio` of what is
- * possible: the ideal of its limit, or what bare Fastify serves if less.
+ * possible: the capacity its own server showed at its limit in the same run
+ * (the nominal one if that is lower: a faster machine does not lower the
+ * bar), or what bare Fastify serves under the same storm if that is less.
+ * Held to the nominal 5,000/s instead, the check passed by 2-5% and failed one
+ * clean run in four: a 20 ms timer fires late, so the route's real capacity
+ * is about a tenth lower, and lower still on a busy runner.
  */
 function stormCheck (storm: GateInput['storm']): Check {
-  const expected = Math.min(storm.ideal, storm.bareOkPerS) * storm.minRatio
+  const measured = (storm.capacityBeforePerS + storm.capacityAfterPerS) / 2
+  const best = Math.min(storm.ideal, measured, storm.bareOkPerS)
+  const expected = best * storm.minRatio
   return {
-    name: `retry storm: plugin goodput >= ${storm.minRatio} x min(ideal, bare)`,
+    name: `retry storm: plugin goodput >= ${storm.minRatio} x min(capacity, bare)`,
     pass: storm.pluginOkPerS >= expected,
-    detail: `plugin ${storm.pluginOkPerS.toFixed(0)}/s, bare ${storm.bareOkPerS.toFixed(0)}/s, ideal ${storm.ideal.toFixed(0)}/s, needed ${expected.toFixed(0)}/s`
+    detail: `plugin ${storm.pluginOkPerS.toFixed(0)}/s = ${(100 * storm.pluginOkPerS / best).toFixed(1)}% of ${best.toFixed(0)}/s, needed ${expected.toFixed(0)}/s ` +
+      `(capacity ${measured.toFixed(0)}/s measured at the limit: ${storm.capacityBeforePerS.toFixed(0)} before, ${storm.capacityAfterPerS.toFixed(0)} after, ` +
+      `${storm.ideal.toFixed(0)}/s nominal; bare ${storm.bareOkPerS.toFixed(0)}/s)`
   }
 }
 
