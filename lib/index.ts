@@ -3,6 +3,7 @@ import type {
   FastifyPluginAsync,
   FastifyReply,
   FastifyRequest,
+  HTTPMethods,
   RouteOptions
 } from 'fastify'
 import fp from 'fastify-plugin'
@@ -153,7 +154,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
         'Register it with `await fastify.register(...)` before adding routes.')
     } else if (unseen.length > 0) {
       fastify.log.warn(`fastify-concurrency-limit does not limit ${unseen.length} route${unseen.length === 1 ? '' : 's'} added before it was registered: ` +
-        `${unseen.slice(0, 10).join(', ')}${unseen.length > 10 ? ', ...' : ''}. Register it with \`await fastify.register(...)\` before ` +
+        `${unseen.slice(0, 10).join(', ')}${unseen.length > 10 ? ` and ${unseen.length - 10} more` : ''}. Register it with \`await fastify.register(...)\` before ` +
         'every route, and leave out the ones you mean with its exempt option.')
     }
     done()
@@ -165,19 +166,22 @@ const kNearest = Symbol('fastify-concurrency-limit.nearest')
 /**
  * Every route of the app as `METHOD /url`. Fastify lists no routes but
  * prints them as a tree: one node a line, its depth in its indent, its
- * methods in parentheses.
+ * methods in parentheses. The printout is meant for people (a wildcard can
+ * print apart from its parent), so only what Fastify confirms is a route
+ * of that method and URL is kept.
  */
 function routesOf (fastify: FastifyInstance): string[] {
   const routes: string[] = []
   const path: string[] = []
   for (const line of fastify.printRoutes({ commonPrefix: false }).split('\n')) {
-    const node = /^([│ ]*)[├└]── (.*?)(?: \(([A-Z, -]+)\))?$/.exec(line)
+    const node = /^([│ ]*)[├└]── (.*?) \(([A-Z, -]+)\)/.exec(line)
     if (node === null) continue
-    const depth = node[1].length / 4
-    path.length = depth
+    path.length = node[1].length / 4
     path.push(node[2])
     const url = path.join('')
-    for (const method of node[3]?.split(', ') ?? []) routes.push(`${method} ${url}`)
+    for (const method of node[3].split(', ')) {
+      if (fastify.hasRoute({ method: method as HTTPMethods, url })) routes.push(`${method} ${url}`)
+    }
   }
   return routes
 }

@@ -130,7 +130,12 @@ export class Ticket implements Waiter {
   }
 
   readonly #askInTurn = (): void => {
-    if (this.state !== WAITING_TURN) return
+    // The client may have left as the response ahead finished: the socket
+    // is destroyed, its 'close' not emitted yet.
+    if (this.gone()) {
+      this.state = RELEASED
+      return
+    }
     const { limiter, rejecter } = this.admission
     const reason = limiter.refuse()
     if (reason === null) this.#ask()

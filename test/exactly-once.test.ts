@@ -133,6 +133,46 @@ t.test('HTTP/1.1 pipelining: a request behind one that waits in a slow hook is n
   await drained(t, app)
 })
 
+t.test('HTTP/1.1 pipelining: a request refused at its turn gets its 503 then; one whose client left at its turn takes nothing', async (t) => {
+  const app = await build(t, { maxConcurrency: 1, maxQueue: 0, rejectDelay: 0 })
+  const gauge = new Gauge()
+  let limitedRan = 0
+  app.get('/exempt', { config: { concurrencyLimit: false } }, async () => { await sleep(30); return 'x' })
+  app.get('/held', async () => { gauge.enter(); await gauge.wait(); return 'held' })
+  app.get('/limited', async () => { limitedRan++; return 'limited' })
+  // Destroys the connection the moment its response is written: the request
+  // behind it gets its turn on a connection that is gone.
+  app.get('/last-words', { config: { concurrencyLimit: false } }, async (request, reply) => {
+    reply.raw.on('finish', () => request.raw.socket.destroy())
+    return 'bye'
+  })
+  const origin = await listen(app)
+  const pool = client(t, origin)
+  const held = get(pool, '/held')
+  await waitFor(() => gauge.current === 1)
+
+  const socket = await rawSocket(origin)
+  let received = ''
+  socket.setEncoding('latin1')
+  socket.on('data', (chunk: string) => { received += chunk })
+  socket.write(pipelined('/exempt', '/limited'))
+  await waitFor(() => (received.match(/HTTP\/1\.1 \d+/g) ?? []).length === 2, 2000, 'two answers')
+  t.same(received.match(/HTTP\/1\.1 \d+/g), ['HTTP/1.1 200', 'HTTP/1.1 503'], 'refused at its turn: the pool was full')
+  t.match(received, /FST_CONCURRENCY_LIMIT_QUEUE_FULL/)
+  socket.destroy()
+  gauge.open()
+  await held
+
+  const leaving = await rawSocket(origin)
+  leaving.on('data', () => {})
+  leaving.write(pipelined('/last-words', '/limited'))
+  await new Promise((resolve) => leaving.once('close', resolve))
+  await sleep(30)
+  t.equal(limitedRan, 0, 'the request behind never ran')
+  await drained(t, app)
+  t.equal(app.concurrencyLimit.stats().admitted, 1, 'only /held took a slot')
+})
+
 t.test('undici Client with pipelining, destroyed with requests in flight, leaks nothing', async (t) => {
   const app = await build(t, { maxConcurrency: 4, maxQueue: 4, queueTimeout: 5000 })
   app.get('/work', async (request) => {
@@ -309,6 +349,28 @@ t.test('registered with await but after some routes: one warning names them', as
   const warnings = lines.filter((l) => l.level === 40)
   t.equal(warnings.length, 1, 'one warning')
   t.match(warnings[0].msg, /does not limit 3 routes added before it was registered: GET \/heavy, HEAD \/heavy, POST \/api\/early\/:id\./)
+})
+
+t.test('the unseen-routes warning: one route, or the first ten of many', async (t) => {
+  for (const count of [1, 12]) {
+    const { stream, lines } = logLines()
+    const app = Fastify({ logger: { level: 'warn', stream }, exposeHeadRoutes: false })
+    t.teardown(() => app.close())
+    for (let i = 0; i < count; i++) app.get(`/early/${i}`, async () => 'x')
+    await app.register(concurrencyLimit)
+    app.get('/late', async () => 'x')
+    // Fastify prints a wildcard apart from its parent: it must not be named wrongly.
+    app.get('/files/:id', async () => 'x')
+    app.get('/files/*', async () => 'x')
+    await app.ready()
+    const [warning] = lines.filter((l) => l.level === 40)
+    if (count === 1) {
+      t.match(warning.msg, /does not limit 1 route added before it was registered: GET \/early\/0\. Register/)
+    } else {
+      t.match(warning.msg, /does not limit 12 routes added before it was registered: GET \/early\/0, .* and 2 more\. Register/)
+      t.equal(warning.msg.split(', GET').length, 10, 'ten named')
+    }
+  }
 })
 
 t.test('root and child registrations: a route config speaks to the nearest; the root still counts the route', async (t) => {
