@@ -15,7 +15,7 @@ import { waitFor, sleep, Gauge } from './helpers/server.js'
 // which are sometimes destroyed whole. Afterwards every pool must be empty,
 // and a burst must be admitted up to exactly maxConcurrency. The long
 // version, by hand:
-//   CHAOS_REQUESTS=100000 npx tap --timeout=1800 test/chaos.test.ts
+//   CHAOS_REQUESTS=100000 npx tap --disable-coverage --timeout=3600 test/chaos.test.ts
 const TOTAL = Number(process.env.CHAOS_REQUESTS ?? 2000)
 const WORKERS = 64
 const MODES = ['ok', 'callback', 'throw', 'reject', 'hijack', 'stream', 'post', 'late-error'] as const
@@ -122,7 +122,12 @@ async function buildApp (t: Test, http2: boolean): Promise<{ app: FastifyInstanc
 /** Every pool empty, every admission released once, the limits held and reached, then a clean burst. */
 async function settle (t: Test, app: FastifyInstance, state: ReturnType<typeof serve>, send: (path: string) => Promise<number>): Promise<void> {
   const { peak, running, gauge } = state
-  await waitFor(() => app.concurrencyLimit.pools().every((p) => p.inFlight === 0 && p.queued === 0), 5000, 'the pools to drain').catch((err) => { t.comment(JSON.stringify(app.concurrencyLimit.pools().map(p => [p.name.slice(0, 10), p.inFlight, p.queued, p.admitted, p.completed]))); throw err })
+  const drained = (): boolean => app.concurrencyLimit.pools().every((p) => p.inFlight === 0 && p.queued === 0)
+  await waitFor(drained, 5000, 'the pools to drain').catch((err: Error) => {
+    // What is left, to start from when this fails.
+    for (const p of app.concurrencyLimit.pools()) t.comment(`${p.name}: inFlight ${p.inFlight}, queued ${p.queued}, admitted ${p.admitted}, completed ${p.completed}`)
+    throw err
+  })
   await sleep(50)
   for (const stats of app.concurrencyLimit.pools()) {
     const name = stats.name === OWN_POOL ? 'own' : stats.name
