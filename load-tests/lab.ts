@@ -1,11 +1,13 @@
 // What every scenario shares: the command-line flags, the machine, progress
 // output, saving results, and target servers in child processes.
 import { execSync } from 'node:child_process'
-import { mkdirSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs'
 import { availableParallelism } from 'node:os'
 import { parseArgs } from 'node:util'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { printTable, stepSummary, type ScenarioResult } from './report.js'
+import { present } from './present.js'
+import { printTable, stepSummary, writeHtmlReport, type ScenarioResult } from './report.js'
 import { Target } from './target.js'
 import type { ServerSettings } from './server.js'
 
@@ -32,7 +34,10 @@ export const { values, positionals } = parseArgs({
     duration: { type: 'string', default: '5' },
     repeats: { type: 'string', default: '3' },
     'client-timeout': { type: 'string', default: '1000' },
-    results: { type: 'string', default: fileURLToPath(new URL('../results', import.meta.url)) }
+    // Where a run writes: its own folder under results/runs/ (not tracked)
+    // unless told; --update-committed writes the tracked load-tests/results/.
+    results: { type: 'string' },
+    'update-committed': { type: 'boolean', default: false }
   }
 })
 
@@ -53,7 +58,25 @@ export const settingsBase: ServerSettings = {
 }
 export const duration = num('duration')
 export const machine = { cores: availableParallelism(), node: process.version, platform: process.platform, date: new Date().toISOString() }
-export const resultsDir = String(values.results)
+/** The results README links to, tracked in git. */
+export const committedDir = fileURLToPath(new URL('../results', import.meta.url))
+/** One folder per run, git-ignored. */
+export const runsDir = join(committedDir, 'runs')
+
+/** The newest run folder, for `report` without a folder. */
+function latestRun (): string | undefined {
+  if (!existsSync(runsDir)) return undefined
+  const runs = readdirSync(runsDir).sort()
+  return runs.length === 0 ? undefined : join(runsDir, runs[runs.length - 1])
+}
+
+function chooseResultsDir (): string {
+  if (values.results !== undefined) return values.results
+  if (values['update-committed'] === true) return committedDir
+  if (positionals[0] === 'report') return latestRun() ?? committedDir
+  return join(runsDir, machine.date.replace(/[:.]/g, '-'))
+}
+export const resultsDir = chooseResultsDir()
 
 // Each connection is a file descriptor in the generator and one in the
 // server. Node cannot raise its own limit: the npm scripts try (ulimit -n).
@@ -72,11 +95,19 @@ export function progress (message: string): void {
   process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${message}\n`)
 }
 
+/**
+ * Saves a scenario's JSON (stamped with this run), prints its tables, and
+ * renders the folder's report again: sections from other runs in the same
+ * folder show their date.
+ */
 export function save (result: ScenarioResult): void {
   mkdirSync(resultsDir, { recursive: true })
-  writeFileSync(`${resultsDir}/${result.scenario}.json`, JSON.stringify(result, null, 2) + '\n')
-  for (const table of result.tables) printTable(table)
-  stepSummary(result.tables)
+  const stamped = { ...result, run: machine.date }
+  writeFileSync(join(resultsDir, `${result.scenario}.json`), JSON.stringify(stamped, null, 2) + '\n')
+  const { tables } = present(stamped)
+  for (const table of tables) printTable(table)
+  stepSummary(tables)
+  progress(`${result.scenario}: ${writeHtmlReport(resultsDir, machine.date)}`)
 }
 
 export async function withTarget<T> (settings: ServerSettings, fn: (target: Target) => Promise<T>, execArgv?: string[]): Promise<T> {

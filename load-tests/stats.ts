@@ -21,3 +21,30 @@ export function median (values: number[]): number {
   const mid = Math.floor(sorted.length / 2)
   return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
 }
+
+/** The median of repeated runs with the range they covered. */
+export interface Spread {
+  median: number
+  min: number
+  max: number
+  n: number
+}
+
+/** The spread of the finite values, or null when there is none (no answers). */
+export function spread (values: number[]): Spread | null {
+  const finite = values.filter((v) => Number.isFinite(v))
+  if (finite.length === 0) return null
+  return { median: median(finite), min: Math.min(...finite), max: Math.max(...finite), n: finite.length }
+}
+
+/** 1234.5 -> "1,234.5" with a fixed number of decimals. */
+export function formatNumber (value: number, digits = 1): string {
+  return value.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits })
+}
+
+/** "4,772 (4,512–4,901, n=3)"; a single run is its value; no values, "no answers". */
+export function formatSpread (s: Spread | null, digits = 1): string {
+  if (s === null) return 'no answers'
+  if (s.n === 1) return formatNumber(s.median, digits)
+  return `${formatNumber(s.median, digits)} (${formatNumber(s.min, digits)}–${formatNumber(s.max, digits)}, n=${s.n})`
+}
