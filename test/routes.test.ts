@@ -1,14 +1,23 @@
 import t from 'tap'
 import { build, listen, client, get, waitFor, Gauge, sleep } from './helpers/server.js'
 import type { Pool } from 'undici'
+import type { FastifyInstance } from 'fastify'
 import type { HookName } from '../lib/index.js'
 
 // Fires `count` requests at `path` while every handler waits on the gauge,
 // then reports how many ran at once and how were the rest answered.
-async function burst (pool: Pool, gauge: Gauge, path: string, count: number) {
+async function burst (app: FastifyInstance, pool: Pool, gauge: Gauge, path: string, count: number) {
   gauge.close()
-  const answers = Array.from({ length: count }, () => get(pool, path))
-  await sleep(50)
+  let refusedEarly = 0
+  const answers = Array.from({ length: count }, () => get(pool, path).then((answer) => {
+    if (answer.statusCode === 503) refusedEarly++
+    return answer
+  }))
+  // Every request has arrived once each one either runs or was refused: on a
+  // busy machine that can take longer than any fixed pause.
+  const queued = (): number => app.concurrencyLimit.pools().reduce((n, p) => n + p.queued, 0)
+  await waitFor(() => gauge.current + refusedEarly + queued() === count, 5000, `${path}: every request to run or be refused`)
+  await sleep(20)
   const running = gauge.current
   gauge.open()
   const statuses = (await Promise.all(answers)).map((a) => a.statusCode)
@@ -33,10 +42,10 @@ t.test('a route with its own limits gets its own pool; false is never limited', 
   app.get('/explicit', { config: { concurrencyLimit: true } }, holding(gauge))
   const pool = client(t, await listen(app))
 
-  t.match(await burst(pool, gauge, '/default', 5), { running: 3, ok: 3, refused: 2 })
-  t.match(await burst(pool, gauge, '/report', 5), { running: 2, ok: 3, refused: 2 })
-  t.match(await burst(pool, gauge, '/healthz', 8), { running: 8, ok: 8, refused: 0 })
-  t.match(await burst(pool, gauge, '/explicit', 5), { running: 3, ok: 3, refused: 2 }, 'true = the plugin pool')
+  t.match(await burst(app, pool, gauge, '/default', 5), { running: 3, ok: 3, refused: 2 })
+  t.match(await burst(app, pool, gauge, '/report', 5), { running: 2, ok: 3, refused: 2 })
+  t.match(await burst(app, pool, gauge, '/healthz', 8), { running: 8, ok: 8, refused: 0 })
+  t.match(await burst(app, pool, gauge, '/explicit', 5), { running: 3, ok: 3, refused: 2 }, 'true = the plugin pool')
 
   const names = app.concurrencyLimit.pools().map((p) => p.name)
   t.same(names, ['default', 'GET /report'])
@@ -158,9 +167,9 @@ t.test('global: false limits only the routes that ask', async (t) => {
   app.get('/limited', { config: { concurrencyLimit: true } }, holding(gauge))
   app.get('/own', { config: { concurrencyLimit: { maxConcurrency: 2 } } }, holding(gauge))
   const pool = client(t, await listen(app))
-  t.match(await burst(pool, gauge, '/free', 4), { running: 4, refused: 0 })
-  t.match(await burst(pool, gauge, '/limited', 4), { running: 1, refused: 3 })
-  t.match(await burst(pool, gauge, '/own', 4), { running: 2, refused: 2 })
+  t.match(await burst(app, pool, gauge, '/free', 4), { running: 4, refused: 0 })
+  t.match(await burst(app, pool, gauge, '/limited', 4), { running: 1, refused: 3 })
+  t.match(await burst(app, pool, gauge, '/own', 4), { running: 2, refused: 2 })
 })
 
 t.test('routes registered in child plugins and with prefixes are limited', async (t) => {
@@ -171,9 +180,9 @@ t.test('routes registered in child plugins and with prefixes are limited', async
     child.get('/inner', holding(gauge))
   }, { prefix: '/api' })
   const pool = client(t, await listen(app))
-  t.match(await burst(pool, gauge, '/api/inner', 3), { running: 1, refused: 2 })
-  t.match(await burst(pool, gauge, '/api', 3), { running: 1, refused: 2 })
-  t.match(await burst(pool, gauge, '/api/', 3), { running: 1, refused: 2 })
+  t.match(await burst(app, pool, gauge, '/api/inner', 3), { running: 1, refused: 2 })
+  t.match(await burst(app, pool, gauge, '/api', 3), { running: 1, refused: 2 })
+  t.match(await burst(app, pool, gauge, '/api/', 3), { running: 1, refused: 2 })
 })
 
 for (const hook of ['onRequest', 'preParsing', 'preValidation', 'preHandler'] as HookName[]) {
