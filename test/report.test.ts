@@ -117,6 +117,10 @@ t.test('reject-cost: spread beside medians; below the node:http floor is noise',
   t.match(view.notes[0], /plugin 503 \(rejectDelay 0\) measured below node:http/)
   t.equal(view.charts[0].reference?.label, 'node:http 503')
   t.match(svgChart(view.charts[0]), /floor: node:http 503/)
+  t.equal(view.notes.length, 1, 'the reference is above the floor')
+  const upsideDown = { ...figures, 'node:http 503': { rps: [1], cpu: [13] } }
+  t.same(rejectCostRows(upsideDown).rows[0][4], '', 'the reference row is never flagged')
+  t.match(present(result('reject-cost', upsideDown, [{ title: 't', columns: [], rows: [] }])).notes.at(-1), /Even Fastify 200 \(hello\) measured below the node:http floor/)
   const noFloor = present(result('reject-cost', { a: figures['Fastify 200 (hello)'], b: figures['plugin 503 (rejectDelay 0)'] }, [{ title: 'x', columns: [], rows: [] }]))
   t.same(noFloor.notes, [])
   t.equal(noFloor.charts[0].reference, undefined)
