@@ -15,6 +15,10 @@ import { recommend, type Step } from '../lib/cli/knee.js'
 import { main, run, EXIT, type Io } from '../lib/cli/main.js'
 import type { TuneReport } from '../lib/cli/report.js'
 
+// Each sweep runs for seconds by design: more than tap's 30 s per file, on a
+// busy machine or a slower Node.
+t.setTimeout(180_000)
+
 const cert = fileURLToPath(new URL('fixtures/cert.pem', import.meta.url))
 const key = fileURLToPath(new URL('fixtures/key.pem', import.meta.url))
 const bin = fileURLToPath(new URL('../lib/cli/bin.ts', import.meta.url))
