@@ -116,20 +116,17 @@ export class Ticket implements Waiter {
       // So one connection holds at most one slot of a pool at a time.
       if (res.socket === null) {
         this.state = WAITING_TURN
-        res.once('socket', this.#turnCame)
+        // Node assigns the socket as the response ahead finishes, and emits
+        // that response's 'close' (which releases its slot) on the next
+        // tick: ask after it.
+        res.once('socket', () => { process.nextTick(() => { this.#askInTurn() }) })
         return
       }
     }
     this.#ask()
   }
 
-  // Node assigns the socket as the response ahead finishes, and emits that
-  // response's 'close' (which releases its slot) on the next tick: ask after it.
-  readonly #turnCame = (): void => {
-    process.nextTick(this.#askInTurn)
-  }
-
-  readonly #askInTurn = (): void => {
+  #askInTurn (): void {
     // The client may have left as the response ahead finished: the socket
     // is destroyed, its 'close' not emitted yet.
     if (this.gone()) {
