@@ -15,7 +15,7 @@ export const UnknownPoolError = createError<[string]>(
   500
 )
 
-// The three rejection errors are never thrown: their code, status and message
+// The rejection errors are never thrown: their code, status and message
 // are serialized once per pool into the body of the rejection response. They
 // are exported so that an `errorResponseBuilder` or a client can match codes.
 
@@ -34,6 +34,12 @@ export const QueueTimeoutError = createError(
 export const ConnectionLimitError = createError(
   'FST_CONCURRENCY_LIMIT_CONNECTIONS',
   'Too many open connections, retry later',
+  503
+)
+
+export const OverloadedError = createError(
+  'FST_CONCURRENCY_LIMIT_OVERLOADED',
+  'The server is too busy to take this request now, retry later',
   503
 )
 

@@ -20,6 +20,7 @@ export {
   ClosingError,
   ConnectionLimitError,
   InvalidOptionError,
+  OverloadedError,
   QueueFullError,
   QueueTimeoutError,
   UnknownPoolError

@@ -2,8 +2,9 @@ import { performance } from 'node:perf_hooks'
 import type { AdaptiveState, Limit } from './limits/limit.js'
 import { FixedLimit } from './limits/fixed.js'
 import { GradientLimit } from './limits/gradient.js'
+import { LoopTurn } from './loop-turn.js'
 
-export type RejectReason = 'queueFull' | 'queueTimeout' | 'closing'
+export type RejectReason = 'queueFull' | 'queueTimeout' | 'closing' | 'overloaded'
 
 /**
  * One request waiting for a slot. The limiter links waiters into its queue
@@ -35,6 +36,8 @@ export interface LimiterSettings {
   /** null: as many as the limit in force (adaptive pools without a maxQueue of their own). */
   maxQueue: number | null
   queueTimeout: number
+  /** Most milliseconds of a busy event-loop turn a request may arrive in; 0 or unset: no bound. */
+  maxEventLoopDelay?: number
   /** null or unset: the limit is maxConcurrency. */
   adaptive?: AdaptiveSettings | null
 }
@@ -63,7 +66,7 @@ export interface LimiterStats {
   peakQueued: number
   admitted: number
   completed: number
-  rejected: { queueFull: number, queueTimeout: number, closing: number }
+  rejected: { queueFull: number, queueTimeout: number, closing: number, overloaded: number }
   abandoned: number
   /** Refused requests now waiting out `rejectDelay` before they are answered. */
   heldRejections: number
@@ -103,6 +106,9 @@ export class Limiter {
   readonly settings: LimiterSettings
   readonly #limit: Limit
   readonly #queueFollowsLimit: boolean
+  /** The turn a request arrives in, and how long it may have run; null: no bound. */
+  readonly #turn: LoopTurn | null
+  readonly #maxLoopDelay: number
 
   inFlight = 0
   queued = 0
@@ -121,6 +127,7 @@ export class Limiter {
   #rejectedQueueFull = 0
   #rejectedQueueTimeout = 0
   #rejectedClosing = 0
+  #rejectedOverloaded = 0
   #abandoned = 0
   #waitCount = 0
   #waitTotal = 0
@@ -133,8 +140,11 @@ export class Limiter {
   #windowCompleted = 0
   #windowRate = 0
 
-  constructor (name: string, settings: LimiterSettings) {
+  /** Pools of one server share `turn`: there is one event loop. */
+  constructor (name: string, settings: LimiterSettings, turn?: LoopTurn) {
     this.name = name
+    this.#maxLoopDelay = settings.maxEventLoopDelay ?? 0
+    this.#turn = this.#maxLoopDelay > 0 ? turn ?? new LoopTurn() : null
     this.settings = settings
     this.maxConcurrency = settings.maxConcurrency
     this.queueTimeout = settings.queueTimeout
@@ -160,9 +170,21 @@ export class Limiter {
   /**
    * Why a request arriving now would be refused (and counts it), or null if
    * it would get a slot or a place in the queue. Lets a caller refuse before
-   * it allocates anything for the request.
+   * it allocates anything for the request. Call it once per arrival.
    */
   refuse (): RejectReason | null {
+    // Work arriving in a turn that has already run past the bound would only
+    // lengthen it: every request, admitted or waiting in a socket buffer,
+    // waits for the turn to end. Refusing costs a small fraction of serving.
+    if (this.#turn !== null && !this.closing && this.#turn.arrive() > this.#maxLoopDelay) {
+      this.#rejectedOverloaded++
+      return 'overloaded'
+    }
+    return this.#full()
+  }
+
+  /** Why a request would find neither a slot nor a place in the queue now (counted), or null. */
+  #full (): RejectReason | null {
     if (this.inFlight < this.limit && this.#head === null) return null
     if (this.closing) {
       this.#rejectedClosing++
@@ -180,7 +202,7 @@ export class Limiter {
    * else the reason it was refused (it is counted as rejected).
    */
   enqueue (waiter: Waiter): RejectReason | null {
-    const reason = this.refuse()
+    const reason = this.#full()
     if (reason !== null) return reason
     const now = performance.now()
     waiter.enqueuedAt = now
@@ -321,7 +343,8 @@ export class Limiter {
       rejected: {
         queueFull: this.#rejectedQueueFull,
         queueTimeout: this.#rejectedQueueTimeout,
-        closing: this.#rejectedClosing
+        closing: this.#rejectedClosing,
+        overloaded: this.#rejectedOverloaded
       },
       abandoned: this.#abandoned,
       heldRejections: this.heldRejections,

@@ -44,6 +44,14 @@ export interface PoolOptions {
   adaptive?: boolean | AdaptiveOptions
   /** Milliseconds a request may wait in the queue before it is answered. Integer >= 0. Default 1000. */
   queueTimeout?: number
+  /**
+   * Milliseconds the event loop may have been busy, without coming round,
+   * when a request of this pool arrives: past it, the request is refused at
+   * once (503, `FST_CONCURRENCY_LIMIT_OVERLOADED`), so that CPU-bound work
+   * cannot let the loop's delay grow without bound. Integer >= 0, 0 = off.
+   * Default 0.
+   */
+  maxEventLoopDelay?: number
 }
 
 /** What a rejected request is told, passed to `retryAfter` and `errorResponseBuilder`. */
@@ -95,8 +103,9 @@ export interface ConcurrencyLimitOptions extends PoolOptions {
   /** Named pools that routes join with `config.concurrencyLimit.group`. */
   groups?: Record<string, PoolOptions>
   /**
-   * Most milliseconds a repeated refusal on one HTTP/1 connection is held back
-   * (a retry storm brake); integer, 0 turns it off. Default 1000.
+   * Most milliseconds a repeated refusal on one HTTP/1 connection is held
+   * back while refusals saturate the event loop (a retry-storm brake);
+   * integer, 0 turns it off. Default 1000.
    */
   rejectDelay?: number
   /** Most refusals held back at once; past it, refusals are answered at once. Default 10000. */
@@ -134,6 +143,7 @@ export type RouteConcurrencyLimitSetting =
   | WithKey<'maxConcurrency'>
   | WithKey<'maxQueue'>
   | WithKey<'queueTimeout'>
+  | WithKey<'maxEventLoopDelay'>
   | WithKey<'adaptive'>
   | WithKey<'group'>
   | WithKey<'hook'>
@@ -179,9 +189,11 @@ const MAX_TIMEOUT = 2 ** 31 - 1
 export const MAX_RETRY_AFTER = 2 ** 31 - 1
 // Below this, a duration in milliseconds was most likely meant in seconds.
 const PLAUSIBLE_MS = 100
+// Below this, an event-loop delay bound trips on the loop's ordinary pauses.
+const MIN_LOOP_DELAY = 10
 
 const HOOKS: readonly HookName[] = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
-const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout', 'adaptive'] as const
+const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout', 'maxEventLoopDelay', 'adaptive'] as const
 const ADAPTIVE_KEYS = new Set<string>(['minConcurrency', 'initialConcurrency', 'tolerance', 'baselineInterval'])
 const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'global', 'hook', 'exempt', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject', 'maxConnections'])
 const ROUTE_KEYS = new Set<string>([...POOL_KEYS, 'group', 'hook'])
@@ -262,7 +274,7 @@ function checkAdaptive (where: string, adaptive: unknown): false | AdaptiveOptio
 }
 
 function checkPool (where: string, value: Record<string, unknown>, warnings: string[]): PoolOptions {
-  const { maxConcurrency, maxQueue, queueTimeout, adaptive } = value
+  const { maxConcurrency, maxQueue, queueTimeout, maxEventLoopDelay, adaptive } = value
   if (maxConcurrency !== undefined && !(Number.isSafeInteger(maxConcurrency) && (maxConcurrency as number) >= 1)) {
     fail(where, 'maxConcurrency', 'an integer >= 1', maxConcurrency)
   }
@@ -272,8 +284,19 @@ function checkPool (where: string, value: Record<string, unknown>, warnings: str
   if (queueTimeout !== undefined) {
     checkMilliseconds(where, 'queueTimeout', queueTimeout, 'is shorter than most queue waits', warnings)
   }
+  if (maxEventLoopDelay !== undefined) {
+    if (!(Number.isInteger(maxEventLoopDelay) && (maxEventLoopDelay as number) >= 0 && (maxEventLoopDelay as number) <= MAX_TIMEOUT)) {
+      fail(where, 'maxEventLoopDelay', `an integer number of milliseconds from 0 (off) to ${MAX_TIMEOUT}`, maxEventLoopDelay)
+    }
+    const ms = maxEventLoopDelay as number
+    if (ms > 0 && ms < MIN_LOOP_DELAY) {
+      warnings.push(`${where}maxEventLoopDelay is ${ms} ms: a single garbage collection or one slow request takes longer, ` +
+        `so requests will be refused at loads the server carries; ${MIN_LOOP_DELAY} ms or more is usual`)
+    }
+  }
   const pool: PoolOptions = {}
   if (maxConcurrency !== undefined) pool.maxConcurrency = maxConcurrency as number
+  if (maxEventLoopDelay !== undefined) pool.maxEventLoopDelay = maxEventLoopDelay as number
   if (maxQueue !== undefined) pool.maxQueue = maxQueue as number
   if (queueTimeout !== undefined) pool.queueTimeout = queueTimeout as number
   if (adaptive !== undefined) {
@@ -437,13 +460,14 @@ export function poolSettings (own: PoolOptions, plugin: PoolOptions): LimiterSet
     maxConcurrency,
     maxQueue: own.maxQueue ?? plugin.maxQueue ?? (adaptive === null ? maxConcurrency : null),
     queueTimeout: own.queueTimeout ?? plugin.queueTimeout ?? DEFAULT_QUEUE_TIMEOUT,
+    maxEventLoopDelay: own.maxEventLoopDelay ?? plugin.maxEventLoopDelay ?? 0,
     adaptive
   }
 }
 
 export function samePool (a: LimiterSettings, b: LimiterSettings): boolean {
   return a.maxConcurrency === b.maxConcurrency && a.maxQueue === b.maxQueue && a.queueTimeout === b.queueTimeout &&
-    sameAdaptive(a.adaptive ?? null, b.adaptive ?? null)
+    a.maxEventLoopDelay === b.maxEventLoopDelay && sameAdaptive(a.adaptive ?? null, b.adaptive ?? null)
 }
 
 function sameAdaptive (a: AdaptiveSettings | null, b: AdaptiveSettings | null): boolean {

@@ -1,5 +1,6 @@
 import { InvalidOptionError, UnknownPoolError } from './errors.js'
 import { Limiter, type LimiterStats } from './limiter.js'
+import { LoopTurn } from './loop-turn.js'
 import { poolSettings, samePool, type PoolOptions, type ResolvedOptions, type ResolvedRouteConfig } from './options.js'
 
 export const DEFAULT_POOL = 'default'
@@ -15,6 +16,8 @@ export class Pools {
   // between a GET route and the HEAD route it adds for it, and by its URL:
   // an application may give one config constant to several routes.
   readonly #byConfig = new WeakMap<object, Map<string, Limiter>>()
+  /** Marks the event loop's turns for the pools with `maxEventLoopDelay`. */
+  readonly #turn = new LoopTurn()
 
   constructor (options: ResolvedOptions) {
     this.#options = options
@@ -71,10 +74,11 @@ export class Pools {
 
   close (): void {
     for (const limiter of this.#byName.values()) limiter.close()
+    this.#turn.stop()
   }
 
   #add (name: string, own: PoolOptions): Limiter {
-    const limiter = new Limiter(name, poolSettings(own, this.#options.pool))
+    const limiter = new Limiter(name, poolSettings(own, this.#options.pool), this.#turn)
     this.#byName.set(name, limiter)
     return limiter
   }

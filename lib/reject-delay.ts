@@ -1,13 +1,24 @@
 import { performance } from 'node:perf_hooks'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { Limiter } from './limiter.js'
+import { LoopLoad } from './loop-load.js'
 
 const kRefusals = Symbol('fastify-concurrency-limit.refusals')
 
-/** The first held refusal on a connection waits this long; each next one twice as long. */
-export const FIRST_DELAY = 250
+/**
+ * The first held refusal on a connection waits this long (at most
+ * `rejectDelay`); each next one twice as long.
+ */
+export const FIRST_DELAY = 1000
 /** A refusal this long after the previous answer on its connection starts afresh. */
 export const STREAK_WINDOW = 1000
+
+/**
+ * A refusal on a connection refused this few samples of the loop (a second)
+ * before the brake engaged is a retry: a storm's connections are all held
+ * on their next refusal, however many they are.
+ */
+export const RECENT_SAMPLES = 20
 
 interface Streak {
   /** When the last refusal on this connection was (or will be) answered. */
@@ -15,16 +26,29 @@ interface Streak {
   delay: number
 }
 
+/**
+ * What a connection carries: while the brake is disengaged, the sample of
+ * the loop in which it was last refused; engaged, its streak of refusals.
+ */
+type Refusals = number | Streak
+
 type Answer = (limiter: Limiter, request: FastifyRequest, reply: FastifyReply) => void
 
 /**
- * Slows clients that retry at once on the HTTP/1 connection they were refused on.
- * The first refusal on a connection is answered at once (a client that waits
- * for Retry-After never sees a delay); each further one within a second of
- * the last is held back, 250 ms, then twice as long each time, up to
- * `maxDelay`. A retry storm then costs the server one refusal per connection
- * per `maxDelay`, instead of flooding the event loop that admitted requests
- * share. Bounded: past `max` held refusals, refusals are answered at once.
+ * Slows clients that retry at once on the HTTP/1 connection they were
+ * refused on, while refusals saturate the event loop (`LoopLoad`).
+ * Otherwise every refusal is answered at once: holding back the refusals of
+ * a client that sends on its own schedule would not lighten the loop, only
+ * turn its 503s into timeouts.
+ *
+ * Engaged, a refusal on a connection refused within the last second is held
+ * back: a second (or `maxDelay` if shorter), then twice as long each time,
+ * up to `maxDelay`, each hold up to a quarter shorter at random. The first
+ * refusal on a connection is answered at once, so a client that waits for
+ * Retry-After never waits longer. A storm then costs the server one refusal
+ * per connection per hold, instead of flooding the event loop that admitted
+ * requests share. Bounded: past `max` held refusals, refusals are answered
+ * at once.
  */
 export class RejectDelay {
   readonly maxDelay: number
@@ -32,11 +56,13 @@ export class RejectDelay {
   size = 0
   readonly #answer: Answer
   readonly #held = new Map<NodeJS.Timeout, () => void>()
+  readonly load: LoopLoad
 
-  constructor (maxDelay: number, max: number, answer: Answer) {
+  constructor (maxDelay: number, max: number, answer: Answer, load = new LoopLoad()) {
     this.maxDelay = maxDelay
     this.max = max
     this.#answer = answer
+    this.load = load
   }
 
   /** Holds the refusal back; false if it must be answered now. */
@@ -45,15 +71,26 @@ export class RejectDelay {
     // run side by side: a streak there would hold back first tries. A stream
     // carries one request, so there is no connection of a retry to slow.
     if (request.raw.httpVersionMajor === 2) return false
-    const socket = request.raw.socket as unknown as { [kRefusals]?: Streak }
+    const load = this.load
+    load.refused()
+    const socket = request.raw.socket as unknown as { [kRefusals]?: Refusals }
+    if (!load.engaged) {
+      // Disengaged, a refusal costs a count and a small integer on its
+      // connection: no clock, no allocation.
+      socket[kRefusals] = load.samples
+      return false
+    }
     const now = performance.now()
-    const streak = socket[kRefusals]
-    if (streak === undefined || now - streak.answeredAt > STREAK_WINDOW) {
-      if (streak === undefined) socket[kRefusals] = { answeredAt: now, delay: 0 }
-      else {
-        streak.answeredAt = now
-        streak.delay = 0
-      }
+    let streak = socket[kRefusals]
+    if (typeof streak !== 'object') {
+      // Refused moments before the brake engaged: this is already a retry.
+      const retry = streak !== undefined && load.samples - streak <= RECENT_SAMPLES
+      streak = { answeredAt: now, delay: 0 }
+      socket[kRefusals] = streak
+      if (!retry) return false
+    } else if (now - streak.answeredAt > STREAK_WINDOW) {
+      streak.answeredAt = now
+      streak.delay = 0
       return false
     }
     if (this.size >= this.max) {
@@ -62,11 +99,16 @@ export class RejectDelay {
     }
     const delay = Math.min(this.maxDelay, streak.delay === 0 ? FIRST_DELAY : streak.delay * 2)
     streak.delay = delay
-    streak.answeredAt = now + delay
+    // Up to a quarter shorter, at random: connections held at the same
+    // moment must not all come back at the same moment, a burst that
+    // admitted requests would wait behind.
+    const hold = delay - Math.floor(Math.random() * delay / 4)
+    streak.answeredAt = now + hold
     this.size++
     limiter.heldRejections++
-    // Node keeps timers of one duration in one list: with a handful of
-    // distinct delays, a timer per held refusal costs O(1).
+    // Node keeps timers of one duration in one list, and the lists in a
+    // heap: a few hundred distinct holds, a timer per held refusal costs
+    // O(1) to add to its list, O(log) to add a list.
     const release = (): void => {
       this.#held.delete(timer)
       this.size--
@@ -74,13 +116,14 @@ export class RejectDelay {
       // A client that left while held needs no answer.
       if (!reply.raw.closed) this.#answer(limiter, request, reply)
     }
-    const timer = setTimeout(release, delay)
+    const timer = setTimeout(release, hold)
     this.#held.set(timer, release)
     return true
   }
 
-  /** Answers every held refusal now. */
+  /** Answers every held refusal now and stops sampling the loop (the server is closing). */
   drain (): void {
+    this.load.stop()
     for (const [timer, release] of this.#held) {
       clearTimeout(timer)
       release()

@@ -1,7 +1,7 @@
 import { STATUS_CODES } from 'node:http'
 import type { Http2ServerRequest } from 'node:http2'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import { ClosingError, InvalidOptionError, QueueFullError, QueueTimeoutError } from './errors.js'
+import { ClosingError, InvalidOptionError, OverloadedError, QueueFullError, QueueTimeoutError } from './errors.js'
 import type { Limiter, RejectReason } from './limiter.js'
 import { MAX_RETRY_AFTER, type Rejection, type ResolvedOptions } from './options.js'
 import { RejectDelay } from './reject-delay.js'
@@ -14,7 +14,8 @@ function codeAndMessage (ErrorClass: new () => { code: string, message: string }
 const REASONS: Record<RejectReason, { code: string, message: string }> = {
   queueFull: codeAndMessage(QueueFullError),
   queueTimeout: codeAndMessage(QueueTimeoutError),
-  closing: codeAndMessage(ClosingError)
+  closing: codeAndMessage(ClosingError),
+  overloaded: codeAndMessage(OverloadedError)
 }
 
 const JSON_TYPE = 'application/json; charset=utf-8'
@@ -39,12 +40,13 @@ export class Rejecter {
     // Fastify's own error body, in its order.
     const body = (reason: RejectReason): string =>
       JSON.stringify({ statusCode, code: REASONS[reason].code, error, message: REASONS[reason].message })
-    this.#bodies = { queueFull: body('queueFull'), queueTimeout: body('queueTimeout'), closing: body('closing') }
+    this.#bodies = { queueFull: body('queueFull'), queueTimeout: body('queueTimeout'), closing: body('closing'), overloaded: body('overloaded') }
   }
 
   /**
-   * Refuses a request: at once, or after `rejectDelay` for a full queue (a
-   * request refused for its queue timeout or for shutdown has waited enough).
+   * Refuses a request: at once, or, for a full queue while refusals saturate
+   * the event loop, after up to `rejectDelay` (a request refused for its
+   * queue timeout or for shutdown has waited enough).
    */
   reject (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, reason: RejectReason): void {
     if (reason === 'queueFull' && this.#delay !== null && this.#delay.hold(limiter, request, reply)) return

@@ -22,8 +22,20 @@ export interface GateInput {
    * more, so the nominal capacity is never quite reached.
    */
   measuredCapacityPerS: number
-  /** Open loop at 10x capacity; p99 of 2xx in the server, and as the client saw it. */
-  overload: { goodputPerS: number, p99OkMs: number, clientP99OkMs: number, errors: number }
+  /**
+   * Open loop at 10x capacity over a pool of keep-alive connections; p99 of
+   * 2xx in the server, and as the client saw it; 503s received, and requests
+   * the client gave up on (its timeout).
+   */
+  overload: { goodputPerS: number, p99OkMs: number, clientP99OkMs: number, errors: number, refused: number, timeouts: number }
+  /** Most client timeouts at 10x, as a fraction of the 503s received. */
+  maxTimeoutRatio: number
+  /**
+   * A route of synchronous CPU work behind `maxEventLoopDelay`, in open loop
+   * at 5x the capacity the same server showed just before (a closed loop of
+   * a few connections), 2xx per second.
+   */
+  cpu?: { capacityPerS: number, goodputPerS: number, minRatio: number }
   /** Closed loop at a load the server carries. */
   moderate: { errors: number, timeouts: number, non2xx: number }
   /** Minimum goodput at 10x, as a fraction of capacity (the lower of nominal and measured). */
@@ -75,6 +87,15 @@ function stormCheck (storm: GateInput['storm']): Check {
   }
 }
 
+function cpuCheck (cpu: NonNullable<GateInput['cpu']>): Check {
+  const ratio = cpu.goodputPerS / cpu.capacityPerS
+  return {
+    name: `CPU-bound route at 5x: goodput >= ${cpu.minRatio} x capacity`,
+    pass: ratio >= cpu.minRatio,
+    detail: `${cpu.goodputPerS.toFixed(0)}/s of ${cpu.capacityPerS.toFixed(0)}/s = ${(100 * ratio).toFixed(1)}%`
+  }
+}
+
 export function checkGate (input: GateInput): Check[] {
   const nominal = capacity(input.maxConcurrency, input.serviceTime)
   // Overload must not cost admitted work its throughput: compare with what
@@ -99,11 +120,20 @@ export function checkGate (input: GateInput): Check[] {
       pass: input.overload.p99OkMs <= latencyBound,
       detail: `p99 ${input.overload.p99OkMs.toFixed(1)} ms in the server (${input.overload.clientP99OkMs.toFixed(1)} ms at the client), bound ${latencyBound} ms`
     },
+    {
+      // A client that sends on its own schedule over reused connections must
+      // get its refusals as 503s: the retry-storm brake must not hold them
+      // back until the client gives up.
+      name: `client timeouts at 10x <= ${input.maxTimeoutRatio * 100}% of refusals`,
+      pass: input.overload.timeouts <= input.maxTimeoutRatio * input.overload.refused,
+      detail: `${input.overload.timeouts} timeouts, ${input.overload.refused} 503s (${(100 * input.overload.timeouts / Math.max(1, input.overload.refused)).toFixed(2)}%)`
+    },
     stormCheck(input.storm),
     {
       name: 'no socket errors at moderate load',
       pass: input.moderate.errors === 0 && input.moderate.timeouts === 0 && input.moderate.non2xx === 0,
       detail: `errors ${input.moderate.errors}, timeouts ${input.moderate.timeouts}, non-2xx ${input.moderate.non2xx}`
-    }
+    },
+    ...(input.cpu === undefined ? [] : [cpuCheck(input.cpu)])
   ]
 }

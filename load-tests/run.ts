@@ -8,6 +8,8 @@
 //   retry-storm closed loop that retries every refusal at once: bare vs the plugin's mechanisms
 //   backlog     5,000 new connections against listen backlogs of 511 and 4096 (nstat counters)
 //   memory      live memory per connection: idle, queued, refusal held back
+//   pooled-client open loop over a pool of keep-alive connections: 503s or client timeouts
+//   cpu         a CPU-bound route: maxEventLoopDelay against bare Fastify and under-pressure
 //   all         every scenario above but bench, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
@@ -15,10 +17,12 @@ import { writeHtmlReport } from './report.js'
 import { backlog } from './scenarios/backlog.js'
 import { bench } from './scenarios/bench.js'
 import { ci } from './scenarios/ci.js'
+import { cpu } from './scenarios/cpu.js'
 import { deadlock } from './scenarios/deadlock.js'
 import { explosion } from './scenarios/explosion.js'
 import { goodput } from './scenarios/goodput.js'
 import { memory } from './scenarios/memory.js'
+import { pooledClient } from './scenarios/pooled-client.js'
 import { rejectCost } from './scenarios/reject-cost.js'
 import { storm } from './scenarios/retry-storm.js'
 import { threads } from './scenarios/threads.js'
@@ -53,6 +57,12 @@ switch (scenario) {
   case 'memory':
     save(await memory())
     break
+  case 'pooled-client':
+    save(await pooledClient())
+    break
+  case 'cpu':
+    save(await cpu())
+    break
   case 'all':
     save(await explosion())
     save(await goodput())
@@ -62,6 +72,8 @@ switch (scenario) {
     save(await storm())
     save(await backlog())
     save(await memory())
+    save(await pooledClient())
+    save(await cpu())
     progress(`report: ${writeHtmlReport(resultsDir)}`)
     break
   case 'report':
@@ -71,6 +83,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, all, report or ci`)
     process.exitCode = 2
 }

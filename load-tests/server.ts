@@ -10,12 +10,16 @@ import { fileURLToPath } from 'node:url'
 import { Worker } from 'node:worker_threads'
 import { Pool as HttpPool } from 'undici'
 import { Piscina } from 'piscina'
+import underPressure from '@fastify/under-pressure'
 import concurrencyLimit from 'fastify-concurrency-limit'
 import { summarize } from './stats.js'
 
 export interface ServerSettings {
-  /** raw: node:http answering 503 (raw-server.ts). */
-  variant: 'bare' | 'plugin' | 'raw'
+  /**
+   * raw: node:http answering 503 (raw-server.ts); under-pressure: bare
+   * Fastify behind @fastify/under-pressure (options in `underPressure`).
+   */
+  variant: 'bare' | 'plugin' | 'raw' | 'under-pressure'
   serviceTime: number
   memoryKiB: number
   maxConcurrency: number
@@ -36,6 +40,8 @@ export interface ServerSettings {
   cpuMs?: number
   /** Threads of the /cpu-pool pool (default: cores). */
   poolThreads?: number
+  /** Options of @fastify/under-pressure, for its variant. */
+  underPressure?: Record<string, unknown>
 }
 
 export interface ServerStats {
@@ -74,6 +80,7 @@ if (settings.variant === 'plugin') {
     ...settings.plugin
   })
 }
+if (settings.variant === 'under-pressure') await app.register(underPressure, settings.underPressure ?? {})
 
 // Arrival-to-finish time of each 2xx answer of /work, measured here so that
 // a saturated load generator cannot inflate it. A fixed-size reservoir.
@@ -237,6 +244,17 @@ app.get('/cpu-pool', { config: { concurrencyLimit: { maxConcurrency: poolThreads
   } finally {
     inFlight--
   }
+})
+
+// CPU-bound work on the event loop itself: rendering, large JSON, sync
+// parsing. The number of requests in flight stays at one, whatever the load.
+app.get('/cpu-sync', async (request, reply) => {
+  recordOk(request, reply)
+  requests++
+  const until = performance.now() + cpuMs
+  let n = 0
+  while (performance.now() < until) n++
+  return { n }
 })
 
 // Deadlock by self-call: /outer calls /inner-* on this same server and waits.

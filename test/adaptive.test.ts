@@ -199,7 +199,7 @@ t.test('options: adaptive is validated and filled in', async (t) => {
   t.same(resolveRouteConfig('GET /', { adaptive: { minConcurrency: 2 } }, true)?.pool, { adaptive: { minConcurrency: 2 } })
 
   const plugin = { adaptive: {} }
-  t.same(poolSettings({}, plugin), { maxConcurrency: 1000, maxQueue: null, queueTimeout: 1000, adaptive: DEFAULT_ADAPTIVE })
+  t.same(poolSettings({}, plugin), { maxConcurrency: 1000, maxQueue: null, queueTimeout: 1000, maxEventLoopDelay: 0, adaptive: DEFAULT_ADAPTIVE })
   t.match(poolSettings({ maxConcurrency: 5 }, plugin), { maxConcurrency: 5, adaptive: { initialConcurrency: 5 } })
   t.match(poolSettings({ maxQueue: 3, adaptive: false }, plugin), { maxConcurrency: 100, maxQueue: 3, adaptive: null })
   t.throws(() => poolSettings({ adaptive: { minConcurrency: 20 } }, { maxConcurrency: 10 }), { message: /minConcurrency must be <= maxConcurrency \(10\)/ })

@@ -8,7 +8,8 @@ const good: GateInput = {
   latencyMarginMs: 100,
   peakInFlight: 10,
   measuredCapacityPerS: 470,
-  overload: { goodputPerS: 480, p99OkMs: 230, clientP99OkMs: 260, errors: 0 },
+  overload: { goodputPerS: 480, p99OkMs: 230, clientP99OkMs: 260, errors: 0, refused: 11000, timeouts: 12 },
+  maxTimeoutRatio: 0.01,
   moderate: { errors: 0, timeouts: 0, non2xx: 0 },
   minGoodputRatio: 0.9,
   storm: { bareOkPerS: 18000, pluginOkPerS: 4500, capacityBeforePerS: 4350, capacityAfterPerS: 4450, ideal: 5000, minRatio: 0.8 }
@@ -25,7 +26,7 @@ t.test('capacity is maxConcurrency / service time', async (t) => {
 
 t.test('a healthy run passes every check', async (t) => {
   t.same(failing(good), [])
-  t.equal(checkGate(good).length, 5)
+  t.equal(checkGate(good).length, 6)
 })
 
 t.test('each broken invariant fails its own check', async (t) => {
@@ -33,6 +34,13 @@ t.test('each broken invariant fails its own check', async (t) => {
   t.same(failing({ ...good, overload: { ...good.overload, goodputPerS: 420 } }), ['goodput at 10x >= 90% of capacity'])
   t.same(failing({ ...good, overload: { ...good.overload, p99OkMs: 321 } }), ['p99 of admitted requests <= queueTimeout + service time + margin'])
   t.same(failing(withStorm({ pluginOkPerS: 3500 })), [STORM])
+  // 1% of 11,000 refusals: 110 timeouts pass, 111 fail.
+  t.same(failing({ ...good, overload: { ...good.overload, timeouts: 110 } }), [])
+  t.same(failing({ ...good, overload: { ...good.overload, timeouts: 111 } }), ['client timeouts at 10x <= 1% of refusals'])
+  const cpu = { capacityPerS: 450, goodputPerS: 270, minRatio: 0.6 }
+  t.same(failing({ ...good, cpu }), [])
+  t.same(failing({ ...good, cpu: { ...cpu, goodputPerS: 269 } }), ['CPU-bound route at 5x: goodput >= 0.6 x capacity'])
+  t.equal(checkGate({ ...good, cpu }).at(-1)?.detail, '270/s of 450/s = 60.0%')
   t.same(failing({ ...good, moderate: { errors: 1, timeouts: 0, non2xx: 0 } }), ['no socket errors at moderate load'])
   t.same(failing({ ...good, moderate: { errors: 0, timeouts: 2, non2xx: 0 } }), ['no socket errors at moderate load'])
   t.same(failing({ ...good, moderate: { errors: 0, timeouts: 0, non2xx: 5 } }), ['no socket errors at moderate load'])
@@ -68,9 +76,10 @@ t.test('the retry storm is held to the capacity measured in the same run', async
 })
 
 t.test('details quote the figures', async (t) => {
-  const [peak, goodput, p99, storm] = checkGate(good)
+  const [peak, goodput, p99, timeouts, storm] = checkGate(good)
   t.equal(storm.detail, 'plugin 4500/s = 102.3% of 4400/s, needed 3520/s (capacity 4400/s measured at the limit: 4350 before, 4450 after, 5000/s nominal; bare 18000/s)')
   t.equal(peak.detail, 'peak 10, limit 10')
   t.equal(goodput.detail, '480/s of 470/s = 102.1% (capacity 500/s nominal, 470/s measured at the limit)')
   t.equal(p99.detail, 'p99 230.0 ms in the server (260.0 ms at the client), bound 320 ms')
+  t.equal(timeouts.detail, '12 timeouts, 11000 503s (0.11%)')
 })

@@ -2,6 +2,7 @@ import Fastify, { type FastifyRequest } from 'fastify'
 import { expectAssignable, expectError, expectType } from 'tsd'
 import concurrencyLimit, {
   fastifyConcurrencyLimit,
+  OverloadedError,
   QueueFullError,
   type ConcurrencyLimitOptions,
   type ConnectionStats,
@@ -77,6 +78,9 @@ expectError(app.route({ method: 'GET', url: '/bad', config: { concurrencyLimit: 
 app.get('/empty', { config: { concurrencyLimit: {} } }, async () => 'x')
 app.get('/hook-only', { config: { concurrencyLimit: { hook: 'preHandler' } } }, async () => 'x')
 app.get('/timeout-only', { config: { concurrencyLimit: { queueTimeout: 500 } } }, async () => 'x')
+app.get('/cpu-bound', { config: { concurrencyLimit: { maxEventLoopDelay: 50 } } }, async () => 'x')
+app.register(concurrencyLimit, { maxEventLoopDelay: 50, groups: { render: { maxEventLoopDelay: 100 } } })
+expectError(app.register(concurrencyLimit, { maxEventLoopDelay: '50ms' }))
 app.get('/adaptive', { config: { concurrencyLimit: { adaptive: { minConcurrency: 2 } } } }, async () => 'x')
 expectError(app.get('/bad', { config: { concurrencyLimit: { adaptive: { minConcurrency: '2' } } } }, async () => 'x'))
 
@@ -88,6 +92,7 @@ const stats = app.concurrencyLimit.stats()
 expectType<number>(stats.inFlight)
 expectType<number>(stats.queued)
 expectType<number>(stats.rejected.queueFull)
+expectType<number>(stats.rejected.overloaded)
 expectType<number>(stats.queueWait.meanMs)
 expectError(app.concurrencyLimit.stats(1))
 expectType<number>(stats.heldRejections)
@@ -97,4 +102,5 @@ expectType<ConnectionStats | null>(app.concurrencyLimit.connections())
 
 // Errors carry their codes.
 expectType<'FST_CONCURRENCY_LIMIT_QUEUE_FULL'>(new QueueFullError().code)
+expectType<'FST_CONCURRENCY_LIMIT_OVERLOADED'>(new OverloadedError().code)
 expectAssignable<ConcurrencyLimitOptions>({})

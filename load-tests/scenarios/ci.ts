@@ -2,6 +2,7 @@ import { closedLoop } from '../closedloop.js'
 import { capacity, checkGate } from '../gate.js'
 import { progress, settingsBase as base, withTarget } from '../lab.js'
 import { openLoop } from '../openloop.js'
+import { cpuRun, cpuVariants } from './cpu.js'
 import { printTable, stepSummary, type Table } from '../report.js'
 import type { ServerSettings } from '../server.js'
 
@@ -45,6 +46,12 @@ export async function ci (): Promise<boolean> {
     const after = await atLimit('after')
     return { before, okPerS, after }
   })
+  // A CPU-bound route: the in-flight count never rises, the event-loop bound
+  // must keep the loop serving.
+  const cpuPlugin = cpuVariants().find((v) => v.settings.variant === 'plugin')?.settings as ServerSettings
+  progress('gate: CPU-bound route behind maxEventLoopDelay, capacity (4 connections, 3 s), then 5x in open loop (6 s)')
+  const { result: cpu } = await cpuRun(cpuPlugin, 5, 6)
+  progress(`gate: CPU route capacity ${cpu.capacityPerS.toFixed(0)}/s, goodput at 5x ${cpu.goodputPerS.toFixed(0)}/s, 503 ${cpu.refused}, client timeouts ${cpu.timeouts}`)
   const checks = checkGate({
     ...settings,
     latencyMarginMs: 100,
@@ -52,7 +59,9 @@ export async function ci (): Promise<boolean> {
     measuredCapacityPerS: moderate.okPerS,
     // Latency of admitted requests as the server sees it, from arrival to the
     // last byte: the client's figure adds its own queueing for a connection.
-    overload: { goodputPerS: overload.goodputPerS, p99OkMs: serverP99, clientP99OkMs: overload.latencyOk.p99, errors: overload.errors },
+    overload: { goodputPerS: overload.goodputPerS, p99OkMs: serverP99, clientP99OkMs: overload.latencyOk.p99, errors: overload.errors, refused: overload.rejected, timeouts: overload.timeouts },
+    maxTimeoutRatio: 0.01,
+    cpu: { capacityPerS: cpu.capacityPerS, goodputPerS: cpu.goodputPerS, minRatio: 0.6 },
     moderate: { errors: moderate.errors, timeouts: moderate.timeouts, non2xx: Math.round(moderate.rejectedPerS * moderate.durationS) },
     minGoodputRatio: 0.9,
     storm: {

@@ -1,0 +1,208 @@
+import { performance } from 'node:perf_hooks'
+
+/** The share of time (0 to 1) the event loop was busy since the previous call. */
+export type Sampler = () => number
+
+/** Calls `tick` every `ms` until the returned function is called. */
+export type Every = (tick: () => void, ms: number) => () => void
+
+/** How often the loop is sampled while refusals happen. */
+export const SAMPLE_MS = 50
+/** Utilization over one sample at or above which the loop is saturated. */
+export const ENGAGE_AT = 0.9
+/**
+ * Consecutive saturated samples, each with refusals pouring in, that engage
+ * the brake: a quarter of a second. A storm saturates the loop for as long
+ * as it lasts; a client opening a pool of connections against a server
+ * still warming up, for a sample or a few (up to 6 in a row, in the lab,
+ * from a cold start at 25 times capacity).
+ */
+export const ENGAGE_SAMPLES = 3
+/**
+ * Fewest refusals a second for them to be what saturates the loop: at about
+ * 12 µs of CPU each (the lab's reject-cost scenario), 1,000 refusals a second
+ * take about 1% of a core. Fewer, during a long garbage collection or a
+ * burst of compilation, are not theirs to relieve.
+ */
+export const MIN_REFUSALS_PER_S = 1000
+/** The same, in one sample. */
+export const MIN_REFUSALS = MIN_REFUSALS_PER_S * SAMPLE_MS / 1000
+/**
+ * A loop flooded with requests fires its timers late: libuv polls up to
+ * some 48,000 events before it runs them again. So refusals also take the
+ * sample once it is due, every this many of them.
+ */
+export const SAMPLE_EVERY_REFUSALS = 1024
+/** Once engaged, utilization over one sample below which the brake may let go. */
+export const RELEASE_BELOW = 0.7
+/**
+ * Refusal rate, as a share of the storm's rate while the loop saturated,
+ * above which refusals are back within a hold of letting go: the same storm.
+ */
+export const STORM_BACK = 0.5
+/** Shortest engagement; doubled each time the storm is back soon after a release. */
+export const FIRST_HOLD_MS = 2000
+/** Longest engagement before the brake lets go to see whether it is still needed. */
+export const MAX_HOLD_MS = 16_000
+/** Sampling stops after this many samples without a refusal: a second. */
+export const QUIET_SAMPLES = 1000 / SAMPLE_MS
+
+/** Event-loop utilization since the previous call, from libuv's idle-time counters. */
+export function loopUtilization (): Sampler {
+  let last = performance.eventLoopUtilization()
+  return () => {
+    const now = performance.eventLoopUtilization()
+    const { utilization } = performance.eventLoopUtilization(now, last)
+    last = now
+    return utilization
+  }
+}
+
+/** An unref'd interval: sampling never keeps a process alive. */
+export const every: Every = (tick, ms) => {
+  const timer = setInterval(tick, ms)
+  timer.unref()
+  return () => { clearInterval(timer) }
+}
+
+export interface LoopLoadOptions {
+  sample?: Sampler
+  now?: () => number
+  every?: Every
+}
+
+/**
+ * Tells the retry-storm brake when refusals threaten admitted work.
+ *
+ * A refusal costs about as much loop time as a small 200. A client that
+ * retries the moment it is refused turns each refusal into another, as fast
+ * as the loop answers, until refusals fill the loop and admitted requests
+ * wait behind them. A client that sends on its own schedule leaves the loop
+ * idle part of the time, however fast it sends (in the lab, an open-loop
+ * client at 25 times capacity kept it a third busy): holding its refusals
+ * back would not lighten the loop, only turn them into timeouts. So the
+ * loop's utilization is sampled, on one timer that runs only while refusals
+ * happen, and the brake engages when the loop stays saturated while
+ * refusals pour in (`ENGAGE_SAMPLES` in a row).
+ *
+ * The brake removes the load that engaged it, so the loop looks idle again:
+ * it lets go only after a hold, and only once utilization has fallen well
+ * below the mark. If the storm is back within a hold of letting go (the
+ * loop saturates, or refusals come back at half the storm's rate), one
+ * sample engages the brake again, for twice as long (up to `MAX_HOLD_MS`),
+ * so that a long storm is tested for its end seldom and briefly.
+ */
+export class LoopLoad {
+  /** Repeated refusals are to be held back. */
+  engaged = false
+  /** Samples taken so far: a clock of the loop's own, for marks that cost no clock read. */
+  samples = 0
+  /** Refusals counted since the last sample. */
+  #refusals = 0
+  #quiet = 0
+  #stop: (() => void) | null = null
+  #sampledAt = 0
+  #engagedAt = 0
+  /** Saturated samples in a row, and their refusals and milliseconds. */
+  #saturated = 0
+  #stormRefusals = 0
+  #stormMs = 0
+  /** The storm's refusal rate while the loop saturated, per millisecond. */
+  #stormRate = 0
+  #hold = FIRST_HOLD_MS
+  #releasedAt = -Infinity
+  readonly #sample: Sampler
+  readonly #now: () => number
+  readonly #every: Every
+
+  constructor (options: LoopLoadOptions = {}) {
+    this.#sample = options.sample ?? loopUtilization()
+    this.#now = options.now ?? (() => performance.now())
+    this.#every = options.every ?? every
+  }
+
+  /** Whether the loop is being sampled. */
+  get sampling (): boolean {
+    return this.#stop !== null
+  }
+
+  /** Counts a refusal; starts sampling if it had stopped. */
+  refused (): void {
+    if (this.#stop === null) this.#start()
+    else if ((++this.#refusals & (SAMPLE_EVERY_REFUSALS - 1)) === 0 && this.#now() - this.#sampledAt >= SAMPLE_MS) this.#tick()
+  }
+
+  #start (): void {
+    // Discards the utilization since the last sample, from before these refusals.
+    this.#sample()
+    this.#sampledAt = this.#now()
+    this.#refusals = 1
+    this.#quiet = 0
+    this.#stop = this.#every(this.#tick, SAMPLE_MS)
+  }
+
+  #tick = (): void => {
+    this.samples++
+    const utilization = this.#sample()
+    const refusals = this.#refusals
+    this.#refusals = 0
+    if (refusals === 0 && ++this.#quiet >= QUIET_SAMPLES) {
+      this.stop()
+      return
+    }
+    if (refusals > 0) this.#quiet = 0
+    this.update(utilization, refusals, this.#now())
+  }
+
+  /** Moves the brake on one sample: the loop's utilization and the refusals counted since the last. */
+  update (utilization: number, refusals: number, now: number): void {
+    // A saturated loop fires the timer late: refusals per millisecond.
+    const elapsed = Math.max(1, now - this.#sampledAt)
+    const rate = refusals / elapsed
+    this.#sampledAt = now
+    if (this.engaged) {
+      if (now - this.#engagedAt >= this.#hold && utilization < RELEASE_BELOW) {
+        // Refusals already held belong to clients that retry at once: they
+        // wait out their hold, and come back over it rather than all at once.
+        this.engaged = false
+        this.#releasedAt = now
+      }
+      return
+    }
+    const again = now - this.#releasedAt <= this.#hold
+    const storm = utilization >= ENGAGE_AT || (again && rate > this.#stormRate * STORM_BACK)
+    if (!storm || rate * 1000 < MIN_REFUSALS_PER_S) {
+      this.#saturated = 0
+      return
+    }
+    if (this.#saturated++ === 0) {
+      this.#stormRefusals = 0
+      this.#stormMs = 0
+    }
+    this.#stormRefusals += refusals
+    this.#stormMs += elapsed
+    if (this.#saturated < (again ? 1 : ENGAGE_SAMPLES)) return
+    this.#saturated = 0
+    const stormRate = this.#stormRefusals / this.#stormMs
+    this.#stormRate = again ? Math.max(this.#stormRate, stormRate) : stormRate
+    this.engaged = true
+    this.#engagedAt = now
+    this.#hold = again ? Math.min(MAX_HOLD_MS, this.#hold * 2) : FIRST_HOLD_MS
+  }
+
+  /**
+   * Stops sampling and lets go of the brake: refusals stopped (what it holds
+   * waits out its hold), or the server is closing (the caller answers it).
+   */
+  stop (): void {
+    if (this.#stop === null) return
+    this.#stop()
+    this.#stop = null
+    this.#refusals = 0
+    this.#saturated = 0
+    if (this.engaged) {
+      this.engaged = false
+      this.#releasedAt = this.#now()
+    }
+  }
+}

@@ -1,0 +1,223 @@
+import t from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import {
+  ENGAGE_AT,
+  ENGAGE_SAMPLES,
+  every,
+  FIRST_HOLD_MS,
+  LoopLoad,
+  loopUtilization,
+  MAX_HOLD_MS,
+  MIN_REFUSALS,
+  QUIET_SAMPLES,
+  RELEASE_BELOW,
+  SAMPLE_EVERY_REFUSALS,
+  SAMPLE_MS,
+  STORM_BACK
+} from '../lib/loop-load.js'
+
+// A brake that holds slows clients that retry at once: a tenth of the refusals.
+const SLOWED = MIN_REFUSALS / 10
+
+// A LoopLoad on a virtual clock: `sample(u, refusals)` counts the refusals,
+// lets SAMPLE_MS pass with the loop busy `u` of the time, and runs the tick.
+function virtual () {
+  let utilization = 0
+  let clock = 0
+  let tick: (() => void) | null = null
+  const calls = { samples: 0, starts: 0, stops: 0 }
+  const load = new LoopLoad({
+    sample: () => { calls.samples++; return utilization },
+    now: () => clock,
+    every: (fn, ms) => {
+      if (ms !== SAMPLE_MS) throw new Error(`sampled every ${ms} ms`)
+      calls.starts++
+      tick = fn
+      return () => { calls.stops++; tick = null }
+    }
+  })
+  const sample = (u: number, refusals = MIN_REFUSALS): boolean => {
+    for (let i = 0; i < refusals; i++) load.refused()
+    utilization = u
+    clock += SAMPLE_MS
+    if (tick === null) throw new Error('not sampling')
+    tick()
+    return load.engaged
+  }
+  /** A storm: saturated samples with refusals pouring in, as many as engage the brake. */
+  const engage = (): boolean => {
+    for (let i = 0; i < ENGAGE_SAMPLES; i++) sample(1)
+    return load.engaged
+  }
+  /** Samples at `u` for `ms`; whether the brake was engaged after each. */
+  const hold = (u: number, ms: number, refusals = SLOWED): boolean[] => Array.from({ length: ms / SAMPLE_MS }, () => sample(u, refusals))
+  /** Samples at `u` until the brake lets go; how long it held. */
+  const untilReleased = (u: number, refusals = SLOWED): number => {
+    const from = clock
+    while (sample(u, refusals)) if (clock - from > 10 * MAX_HOLD_MS) throw new Error('never released')
+    return clock - from
+  }
+  /** Time passes, the timer does not fire: a flooded loop. */
+  const flood = (ms: number, refusals: number, u = 1): void => {
+    utilization = u
+    clock += ms
+    for (let i = 0; i < refusals; i++) load.refused()
+  }
+  return { load, calls, sample, engage, hold, untilReleased, flood }
+}
+
+t.test('nothing is sampled until a refusal; then one timer, however many refusals', async (t) => {
+  const { load, calls, sample } = virtual()
+  t.equal(load.sampling, false)
+  t.equal(calls.starts, 0)
+  for (let i = 0; i < 1000; i++) load.refused()
+  t.equal(load.sampling, true)
+  t.equal(calls.starts, 1)
+  t.equal(calls.samples, 1, 'the utilization from before the refusals is discarded')
+  sample(0.5, 1000)
+  t.equal(calls.starts, 1)
+  t.equal(load.engaged, false)
+  t.equal(load.samples, 1, 'samples are counted')
+})
+
+t.test('engages after ENGAGE_SAMPLES saturated samples in a row, each with MIN_REFUSALS refusals', async (t) => {
+  const { load, sample } = virtual()
+  load.refused()
+  const almost = (): boolean[] => Array.from({ length: ENGAGE_SAMPLES - 1 }, () => sample(1))
+  t.same(almost(), Array(ENGAGE_SAMPLES - 1).fill(false))
+  t.equal(sample(ENGAGE_AT - 0.01), false, 'busy, not saturated: the count starts again')
+  almost()
+  t.equal(sample(1, MIN_REFUSALS - 1), false, 'saturated, with too few refusals to be the cause')
+  almost()
+  t.equal(sample(1, 0), false, 'saturated, but no refusal in the sample')
+  almost()
+  t.equal(sample(ENGAGE_AT, MIN_REFUSALS), true, 'saturated, with refusals, long enough')
+})
+
+t.test('a flooded loop fires its timer late: refusals take the sample once it is due', async (t) => {
+  const { load, calls, flood } = virtual()
+  load.refused()
+  t.equal(calls.samples, 1)
+  flood(SAMPLE_MS - 1, 2 * SAMPLE_EVERY_REFUSALS)
+  t.equal(calls.samples, 1, 'not due yet')
+  flood(1, SAMPLE_EVERY_REFUSALS - 2)
+  t.equal(calls.samples, 1, `due, but only every ${SAMPLE_EVERY_REFUSALS} refusals`)
+  flood(0, 1)
+  t.equal(calls.samples, 2, 'taken by a refusal')
+  for (let i = 1; i < ENGAGE_SAMPLES; i++) flood(SAMPLE_MS, SAMPLE_EVERY_REFUSALS)
+  t.equal(load.engaged, true, 'engaged without the timer')
+})
+
+t.test('holds at least FIRST_HOLD_MS, then lets go once utilization falls below RELEASE_BELOW', async (t) => {
+  const { sample, hold } = virtual()
+  // A storm of twice the fewest refusals that count.
+  for (let i = 0; i < ENGAGE_SAMPLES; i++) sample(1, 2 * MIN_REFUSALS)
+  // The brake removes the refusals' load at once: the loop looks idle.
+  t.same(new Set(hold(0.1, FIRST_HOLD_MS - SAMPLE_MS)), new Set([true]), 'engaged for the whole hold')
+  t.equal(sample(RELEASE_BELOW, SLOWED), true, 'between the marks: still engaged')
+  t.equal(sample(RELEASE_BELOW - 0.01, SLOWED), false, 'released below the lower mark')
+  t.equal(sample(ENGAGE_AT - 0.01, SLOWED), false, 'and stays released below the upper one')
+  t.equal(sample(0.5, 2 * MIN_REFUSALS * STORM_BACK), false, 'with refusals at half the storm\'s rate')
+  t.equal(sample(0.5, 2 * MIN_REFUSALS * STORM_BACK + 1), true, 'until they come back at more than that: the same storm')
+})
+
+t.test('a loop that stays busy keeps the brake on past the hold', async (t) => {
+  const { sample, hold, engage } = virtual()
+  engage()
+  t.same(new Set(hold(0.8, 10 * FIRST_HOLD_MS)), new Set([true]))
+  t.equal(sample(0.5, SLOWED), false)
+})
+
+t.test('the same storm within a hold of letting go: engaged on one sample, for twice as long, up to MAX_HOLD_MS', async (t) => {
+  const { sample, untilReleased, engage } = virtual()
+  t.equal(engage(), true)
+  const holds = [untilReleased(0)]
+  for (let round = 0; round < 6; round++) {
+    t.equal(sample(1), true, 'one saturated sample: the same storm')
+    holds.push(untilReleased(0))
+  }
+  t.same(holds, [FIRST_HOLD_MS, 2 * FIRST_HOLD_MS, 4 * FIRST_HOLD_MS, MAX_HOLD_MS, MAX_HOLD_MS, MAX_HOLD_MS, MAX_HOLD_MS])
+  t.equal(MAX_HOLD_MS, 8 * FIRST_HOLD_MS)
+})
+
+t.test('saturated again long after letting go: a new episode, engaged as slowly, with the shortest hold', async (t) => {
+  const { sample, hold, untilReleased, engage } = virtual()
+  engage()
+  t.equal(untilReleased(0), FIRST_HOLD_MS)
+  sample(1)
+  t.equal(untilReleased(0), 2 * FIRST_HOLD_MS, 'saturated again at once: a doubled hold')
+  t.same(new Set(hold(0.5, 2 * FIRST_HOLD_MS)), new Set([false]), 'refusals on a loop with room to spare')
+  t.same(Array.from({ length: ENGAGE_SAMPLES }, () => sample(1)), [...Array(ENGAGE_SAMPLES - 1).fill(false), true])
+  t.equal(untilReleased(0), FIRST_HOLD_MS, 'the shortest hold')
+})
+
+t.test('sampling stops after QUIET_SAMPLES without a refusal, letting go; the next refusal starts it again', async (t) => {
+  const { load, calls, sample, engage } = virtual()
+  engage()
+  t.equal(load.engaged, true)
+  for (let i = 1; i < QUIET_SAMPLES; i++) sample(1, 0)
+  t.equal(load.sampling, true, `still sampling after ${QUIET_SAMPLES - 1} quiet samples`)
+  t.equal(load.engaged, true, 'and still engaged: the loop is saturated')
+  sample(1, 0)
+  t.equal(load.sampling, false)
+  t.equal(load.engaged, false, 'refusals stopped: nothing to brake')
+  t.equal(calls.stops, 1)
+  const samples = calls.samples
+  load.refused()
+  t.equal(load.sampling, true)
+  t.equal(calls.starts, 2)
+  t.equal(calls.samples, samples + 1, 'restarting discards the quiet interval')
+  t.equal(sample(1), true, 'saturated again soon after: the same storm, engaged at once')
+})
+
+t.test('a refusal in between resets the quiet count', async (t) => {
+  const { load, sample } = virtual()
+  sample(0)
+  for (let round = 0; round < 3; round++) {
+    for (let i = 1; i < QUIET_SAMPLES; i++) sample(0, 0)
+    sample(0)
+  }
+  t.equal(load.sampling, true)
+})
+
+t.test('stop() lets go and stops sampling; twice is harmless', async (t) => {
+  const { load, calls, engage } = virtual()
+  load.stop()
+  t.equal(calls.stops, 0, 'not sampling: nothing to stop')
+  engage()
+  load.stop()
+  load.stop()
+  t.equal(load.engaged, false)
+  t.equal(load.sampling, false)
+  t.equal(calls.stops, 1)
+})
+
+t.test('loopUtilization measures the loop: busy near 1, idle near 0', async (t) => {
+  const utilization = loopUtilization()
+  const end = performance.now() + 50
+  while (performance.now() < end);
+  const busy = utilization()
+  t.ok(busy > 0.9 && busy <= 1, `busy: ${busy}`)
+  await sleep(50)
+  const idle = utilization()
+  t.ok(idle >= 0 && idle < 0.5, `idle: ${idle}`)
+})
+
+t.test('every() ticks until stopped', async (t) => {
+  let ticks = 0
+  const stop = every(() => { ticks++ }, 5)
+  await sleep(50)
+  stop()
+  const seen = ticks
+  t.ok(seen >= 2, `ticked ${seen} times`)
+  await sleep(30)
+  t.equal(ticks, seen, 'no tick after stop')
+})
+
+t.test('the real clock and sampler by default', async (t) => {
+  const load = new LoopLoad()
+  load.refused()
+  t.equal(load.sampling, true)
+  load.stop()
+  t.equal(load.sampling, false)
+})
