@@ -9,8 +9,16 @@ import type {
 import fp from 'fastify-plugin'
 import { guardEveryServer, type ConnectionGuard, type ConnectionStats } from './connection-guard.js'
 import { InvalidOptionError } from './errors.js'
-import type { LimiterStats } from './limiter.js'
-import { resolveOptions, resolveRouteConfig, type ConcurrencyLimitOptions, type HookName, type RouteConcurrencyLimitSetting } from './options.js'
+import { LEVELS, type Level, type LimiterStats } from './limiter.js'
+import {
+  checkPriorityResult,
+  resolveOptions,
+  resolveRouteConfig,
+  type ConcurrencyLimitOptions,
+  type HookName,
+  type PriorityOption,
+  type RouteConcurrencyLimitSetting
+} from './options.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
 import { Ticket, ticketOf, type Admission } from './ticket.js'
@@ -32,6 +40,8 @@ export type {
   ConcurrencyLimitOptions,
   HookName,
   PoolOptions,
+  Priority,
+  PriorityOption,
   Rejection,
   RejectionWithRetry,
   RouteConcurrencyLimitConfig,
@@ -121,6 +131,8 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     if (own) for (const warning of resolved.warnings) fastify.log.warn(warning)
     const admission: Admission = { limiter: pools.forRoute(routeName, route.url, config as object, resolved), rejecter, key }
     const stage: HookName = resolved.hook ?? options.hook
+    const priority = levelOrPicker(resolved.priority ??
+      (resolved.group === undefined ? undefined : options.groupPriorities.get(resolved.group)) ?? options.priority)
 
     // Route-level hooks run after the instance's own hooks of the same stage;
     // ours goes first among them so that a refused request costs no more.
@@ -128,13 +140,23 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     // hook's name is what route printouts show.
     const admit = stage === 'preParsing'
       ? function concurrencyLimit (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: Done): void {
-        const reason = admission.limiter.refuse()
-        if (reason === null) new Ticket(admission, request, reply, done, payload).start()
+        const level = typeof priority === 'number' ? priority : levelOf(priority, request)
+        if (typeof level !== 'number') {
+          done(level)
+          return
+        }
+        const reason = admission.limiter.refuse(level)
+        if (reason === null) new Ticket(admission, request, reply, done, payload, level).start()
         else rejecter.reject(admission.limiter, request, reply, reason)
       }
       : function concurrencyLimit (request: FastifyRequest, reply: FastifyReply, done: Done): void {
-        const reason = admission.limiter.refuse()
-        if (reason === null) new Ticket(admission, request, reply, done, undefined).start()
+        const level = typeof priority === 'number' ? priority : levelOf(priority, request)
+        if (typeof level !== 'number') {
+          done(level)
+          return
+        }
+        const reason = admission.limiter.refuse(level)
+        if (reason === null) new Ticket(admission, request, reply, done, undefined, level).start()
         else rejecter.reject(admission.limiter, request, reply, reason)
       }
     const existing = route[stage] as unknown
@@ -163,6 +185,24 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
 }
 
 const kNearest = Symbol('fastify-concurrency-limit.nearest')
+
+type Picker = (request: FastifyRequest) => string
+
+/** A fixed class as its level; a function stays, to be asked per request. */
+function levelOrPicker (priority: PriorityOption | undefined): Level | Picker {
+  if (priority === undefined) return 1
+  if (typeof priority === 'function') return priority
+  return LEVELS.indexOf(priority) as Level
+}
+
+/** The level a request's `priority` function gives it, or the error to answer with. */
+function levelOf (pick: Picker, request: FastifyRequest): Level | Error {
+  try {
+    return LEVELS.indexOf(checkPriorityResult(pick(request))) as Level
+  } catch (err) {
+    return err instanceof Error ? err : new Error(String(err))
+  }
+}
 
 /**
  * Every route of the app as `METHOD /url`. Fastify lists no routes but

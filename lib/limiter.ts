@@ -6,6 +6,19 @@ import { LoopTurn } from './loop-turn.js'
 
 export type RejectReason = 'queueFull' | 'queueTimeout' | 'closing' | 'overloaded'
 
+/** Priority classes, most important first: an index into per-class state. */
+export const CRITICAL = 0
+export const NORMAL = 1
+export const SHEDDABLE = 2
+export type Level = typeof CRITICAL | typeof NORMAL | typeof SHEDDABLE
+export const LEVELS = ['critical', 'normal', 'sheddable'] as const
+export type PriorityName = typeof LEVELS[number]
+/**
+ * The event-loop bound of each class, as a multiple of the pool's: under a
+ * growing turn, sheddable requests are refused first, critical ones last.
+ */
+const LOOP_DELAY_FACTOR = [2, 1, 0.5]
+
 /**
  * One request waiting for a slot. The limiter links waiters into its queue
  * through `prev`/`next` so that a waiter whose client left is unlinked in O(1)
@@ -16,6 +29,8 @@ export interface Waiter {
   next: Waiter | null
   enqueuedAt: number
   deadline: number
+  /** Its priority class. */
+  readonly level: Level
   /** The slot is now this waiter's. Returns false if the waiter is already gone. */
   admit (): boolean
   /** The waiter leaves the queue without a slot. */
@@ -67,6 +82,8 @@ export interface LimiterStats {
   admitted: number
   completed: number
   rejected: { queueFull: number, queueTimeout: number, closing: number, overloaded: number }
+  /** Admitted and refused requests (every reason) of each priority class. */
+  priority: Record<PriorityName, { admitted: number, rejected: number }>
   abandoned: number
   /** Refused requests now waiting out `rejectDelay` before they are answered. */
   heldRejections: number
@@ -116,8 +133,13 @@ export class Limiter {
   /** Refusals held back by a reject delay (kept here to show in stats). */
   heldRejections = 0
 
-  #head: Waiter | null = null
-  #tail: Waiter | null = null
+  // One FIFO queue per priority class; a freed slot goes to the head of the
+  // most important class that has one.
+  readonly #heads: Array<Waiter | null> = [null, null, null]
+  readonly #tails: Array<Waiter | null> = [null, null, null]
+  readonly #queuedBy = [0, 0, 0]
+  readonly #admittedBy = [0, 0, 0]
+  readonly #rejectedBy = [0, 0, 0]
   #timer: NodeJS.Timeout | null = null
 
   #peakInFlight = 0
@@ -159,10 +181,11 @@ export class Limiter {
   }
 
   /** Takes a slot if one is free. The caller must `release()` it exactly once. */
-  tryAcquire (): boolean {
-    if (this.inFlight >= this.limit || this.#head !== null) return false
+  tryAcquire (level: Level = NORMAL): boolean {
+    if (this.inFlight >= this.limit || this.queued > 0) return false
     const inFlight = ++this.inFlight
     this.#admitted++
+    this.#admittedBy[level]++
     if (inFlight > this.#peakInFlight) this.#peakInFlight = inFlight
     return true
   }
@@ -172,29 +195,42 @@ export class Limiter {
    * it would get a slot or a place in the queue. Lets a caller refuse before
    * it allocates anything for the request. Call it once per arrival.
    */
-  refuse (): RejectReason | null {
+  refuse (level: Level = NORMAL): RejectReason | null {
     // Work arriving in a turn that has already run past the bound would only
     // lengthen it: every request, admitted or waiting in a socket buffer,
     // waits for the turn to end. Refusing costs a small fraction of serving.
-    if (this.#turn !== null && !this.closing && this.#turn.arrive() > this.#maxLoopDelay) {
+    if (this.#turn !== null && !this.closing && this.#turn.arrive() > this.#maxLoopDelay * LOOP_DELAY_FACTOR[level]) {
       this.#rejectedOverloaded++
+      this.#rejectedBy[level]++
       return 'overloaded'
     }
-    return this.#full()
+    return this.#full(level)
   }
 
-  /** Why a request would find neither a slot nor a place in the queue now (counted), or null. */
-  #full (): RejectReason | null {
-    if (this.inFlight < this.limit && this.#head === null) return null
+  /**
+   * Why a request would find neither a slot nor a place in the queue now
+   * (counted), or null. A full queue still has a place for a request while it
+   * holds one of a less important class: that one gives it up.
+   */
+  #full (level: Level): RejectReason | null {
+    if (this.inFlight < this.limit && this.queued === 0) return null
     if (this.closing) {
       this.#rejectedClosing++
+      this.#rejectedBy[level]++
       return 'closing'
     }
-    if (this.queued >= this.maxQueue) {
+    if (this.queued >= this.maxQueue && this.#lowestBelow(level) === -1) {
       this.#rejectedQueueFull++
+      this.#rejectedBy[level]++
       return 'queueFull'
     }
     return null
+  }
+
+  /** The least important class below `level` that has waiters, or -1. */
+  #lowestBelow (level: Level): number {
+    for (let c = SHEDDABLE; c > level; c--) if (this.#queuedBy[c] > 0) return c
+    return -1
   }
 
   /**
@@ -202,22 +238,40 @@ export class Limiter {
    * else the reason it was refused (it is counted as rejected).
    */
   enqueue (waiter: Waiter): RejectReason | null {
-    const reason = this.#full()
+    const level = waiter.level
+    const reason = this.#full(level)
     if (reason !== null) return reason
+    if (this.queued >= this.maxQueue) {
+      // The newest waiter of the least important class gives up its place:
+      // it has waited least, and its class is refused first.
+      const lowest = this.#lowestBelow(level)
+      const evicted = this.#tails[lowest] as Waiter
+      this.#unlink(evicted)
+      this.#rejectedQueueFull++
+      this.#rejectedBy[lowest]++
+      evicted.reject('queueFull')
+    }
     const now = performance.now()
     waiter.enqueuedAt = now
     waiter.deadline = now + this.queueTimeout
     waiter.next = null
-    waiter.prev = this.#tail
-    if (this.#tail === null) this.#head = waiter
-    else this.#tail.next = waiter
-    this.#tail = waiter
+    const tail = this.#tails[level]
+    waiter.prev = tail
+    if (tail === null) this.#heads[level] = waiter
+    else tail.next = waiter
+    this.#tails[level] = waiter
+    this.#queuedBy[level]++
     const queued = ++this.queued
     if (queued > this.#peakQueued) this.#peakQueued = queued
-    // FIFO with one timeout: the head always has the nearest deadline, so
-    // one timer per pool serves every waiter.
+    // One timeout for all: the newest waiter has the latest deadline, so one
+    // timer per pool, armed for the nearest one, serves every waiter.
     if (this.#timer === null) this.#arm(waiter.deadline, now)
     return null
+  }
+
+  /** The waiter a freed slot goes to: the oldest of the most important class waiting. */
+  #first (): Waiter | null {
+    return this.#heads[CRITICAL] ?? this.#heads[NORMAL] ?? this.#heads[SHEDDABLE]
   }
 
   /** Takes a waiter whose client left out of the queue. */
@@ -239,7 +293,7 @@ export class Limiter {
     this.#completed++
     this.#countCompletion()
     if (this.adaptive && outcome !== IGNORE) this.#sample(admittedAt, outcome === DROP)
-    if (this.#head === null) {
+    if (this.queued === 0) {
       this.inFlight--
       return
     }
@@ -256,13 +310,14 @@ export class Limiter {
 
   #handOff = (): void => {
     this.inFlight--
-    let waiter = this.#head
+    let waiter = this.#first()
     // One slot came back; more if the limit went up, none if it came down.
     while (waiter !== null && this.inFlight < this.limit) {
       this.#unlink(waiter)
       this.inFlight++
       if (waiter.admit()) {
         this.#admitted++
+        this.#admittedBy[waiter.level]++
         const waited = performance.now() - waiter.enqueuedAt
         this.#waitCount++
         this.#waitTotal += waited
@@ -272,7 +327,7 @@ export class Limiter {
         this.inFlight--
         this.#abandoned++
       }
-      waiter = this.#head
+      waiter = this.#first()
     }
   }
 
@@ -280,12 +335,13 @@ export class Limiter {
   close (): void {
     this.closing = true
     this.#disarm()
-    let waiter = this.#head
+    let waiter = this.#first()
     while (waiter !== null) {
       this.#unlink(waiter)
       this.#rejectedClosing++
+      this.#rejectedBy[waiter.level]++
       waiter.reject('closing')
-      waiter = this.#head
+      waiter = this.#first()
     }
   }
 
@@ -346,6 +402,11 @@ export class Limiter {
         closing: this.#rejectedClosing,
         overloaded: this.#rejectedOverloaded
       },
+      priority: {
+        critical: { admitted: this.#admittedBy[CRITICAL], rejected: this.#rejectedBy[CRITICAL] },
+        normal: { admitted: this.#admittedBy[NORMAL], rejected: this.#rejectedBy[NORMAL] },
+        sheddable: { admitted: this.#admittedBy[SHEDDABLE], rejected: this.#rejectedBy[SHEDDABLE] }
+      },
       abandoned: this.#abandoned,
       heldRejections: this.heldRejections,
       queueWait: {
@@ -357,14 +418,15 @@ export class Limiter {
   }
 
   #unlink (waiter: Waiter): boolean {
-    const { prev, next } = waiter
-    if (prev === null && this.#head !== waiter) return false
-    if (prev === null) this.#head = next
+    const { prev, next, level } = waiter
+    if (prev === null && this.#heads[level] !== waiter) return false
+    if (prev === null) this.#heads[level] = next
     else prev.next = next
-    if (next === null) this.#tail = prev
+    if (next === null) this.#tails[level] = prev
     else next.prev = prev
     waiter.prev = null
     waiter.next = null
+    this.#queuedBy[level]--
     this.queued--
     return true
   }
@@ -382,13 +444,18 @@ export class Limiter {
   #expire = (): void => {
     this.#timer = null
     const now = performance.now()
-    let waiter = this.#head
-    while (waiter !== null && waiter.deadline <= now) {
-      this.#unlink(waiter)
-      this.#rejectedQueueTimeout++
-      waiter.reject('queueTimeout')
-      waiter = this.#head
+    let next = Infinity
+    for (const level of [CRITICAL, NORMAL, SHEDDABLE] as const) {
+      let waiter = this.#heads[level]
+      while (waiter !== null && waiter.deadline <= now) {
+        this.#unlink(waiter)
+        this.#rejectedQueueTimeout++
+        this.#rejectedBy[level]++
+        waiter.reject('queueTimeout')
+        waiter = this.#heads[level]
+      }
+      if (waiter !== null && waiter.deadline < next) next = waiter.deadline
     }
-    if (waiter !== null) this.#arm(waiter.deadline, now)
+    if (next !== Infinity) this.#arm(next, now)
   }
 }

@@ -52,7 +52,20 @@ export interface PoolOptions {
    * Default 0.
    */
   maxEventLoopDelay?: number
+  /**
+   * The priority class of the requests (plugin: every route's default;
+   * group: its routes' default; route config: the route's), or a function
+   * of the request that returns it. Under overload, sheddable requests are
+   * refused first, critical ones last. Default 'normal'. Not a pool setting:
+   * routes of several classes share one pool.
+   */
+  priority?: PriorityOption
 }
+
+/** A priority class, most important first. */
+export type Priority = 'critical' | 'normal' | 'sheddable'
+/** A fixed class, or a function that picks one per request (from a header, the user...). */
+export type PriorityOption = Priority | ((request: FastifyRequest) => Priority)
 
 /** What a rejected request is told, passed to `retryAfter` and `errorResponseBuilder`. */
 export interface Rejection {
@@ -144,6 +157,7 @@ export type RouteConcurrencyLimitSetting =
   | WithKey<'maxQueue'>
   | WithKey<'queueTimeout'>
   | WithKey<'maxEventLoopDelay'>
+  | WithKey<'priority'>
   | WithKey<'adaptive'>
   | WithKey<'group'>
   | WithKey<'hook'>
@@ -162,6 +176,9 @@ export interface ResolvedOptions {
   /** Pool settings as given at plugin level; unset fields are filled per pool. */
   pool: PoolOptions
   groups: Map<string, PoolOptions>
+  /** The plugin's priority, and each group's that sets one. */
+  priority: PriorityOption | undefined
+  groupPriorities: Map<string, PriorityOption>
   /** Values that are valid but probably not what was meant, to log once at registration. */
   warnings: string[]
 }
@@ -195,9 +212,10 @@ const MIN_LOOP_DELAY = 10
 const HOOKS: readonly HookName[] = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
 const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout', 'maxEventLoopDelay', 'adaptive'] as const
 const ADAPTIVE_KEYS = new Set<string>(['minConcurrency', 'initialConcurrency', 'tolerance', 'baselineInterval'])
-const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'global', 'hook', 'exempt', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject', 'maxConnections'])
-const ROUTE_KEYS = new Set<string>([...POOL_KEYS, 'group', 'hook'])
-const GROUP_KEYS = new Set<string>(POOL_KEYS)
+const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'priority', 'global', 'hook', 'exempt', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject', 'maxConnections'])
+const ROUTE_KEYS = new Set<string>([...POOL_KEYS, 'priority', 'group', 'hook'])
+const GROUP_KEYS = new Set<string>([...POOL_KEYS, 'priority'])
+const PRIORITIES: readonly string[] = ['critical', 'normal', 'sheddable']
 
 function show (value: unknown): string {
   if (typeof value === 'function') return 'a function'
@@ -309,6 +327,18 @@ function checkPool (where: string, value: Record<string, unknown>, warnings: str
   return pool
 }
 
+function checkPriority (where: string, priority: unknown): PriorityOption | undefined {
+  if (priority === undefined || typeof priority === 'function') return priority as PriorityOption | undefined
+  if (typeof priority === 'string' && PRIORITIES.includes(priority)) return priority as Priority
+  fail(where, 'priority', "'critical', 'normal', 'sheddable' or a function of the request that returns one", priority)
+}
+
+/** What a `priority` function returned, checked: a wrong value is the application's bug, told as such. */
+export function checkPriorityResult (value: unknown): Priority {
+  if (typeof value === 'string' && PRIORITIES.includes(value)) return value as Priority
+  throw new InvalidOptionError(`priority() must return 'critical', 'normal' or 'sheddable', returned ${show(value)}`)
+}
+
 function checkExempt (exempt: unknown): ((route: RouteOptions) => boolean) | null {
   if (exempt === undefined) return null
   if (typeof exempt === 'function') return exempt as (route: RouteOptions) => boolean
@@ -366,6 +396,8 @@ export function resolveOptions (options: unknown): ResolvedOptions {
     fail('', 'maxConnections', 'an integer >= 1', maxConnections)
   }
 
+  const priority = checkPriority('', opts.priority)
+  const groupPriorities = new Map<string, PriorityOption>()
   const resolvedGroups = new Map<string, PoolOptions>()
   if (groups !== undefined) {
     if (!isPlainObject(groups)) fail('', 'groups', 'an object of pool settings by name', groups)
@@ -374,6 +406,8 @@ export function resolveOptions (options: unknown): ResolvedOptions {
       if (!isPlainObject(group)) fail('', `groups.${name}`, 'an object', group)
       checkKeys(where, group, GROUP_KEYS)
       resolvedGroups.set(name, checkPool(where, group, warnings))
+      const own = checkPriority(where, group.priority)
+      if (own !== undefined) groupPriorities.set(name, own)
     }
   }
 
@@ -390,6 +424,8 @@ export function resolveOptions (options: unknown): ResolvedOptions {
     maxConnections: maxConnections as number | undefined,
     pool,
     groups: resolvedGroups,
+    priority,
+    groupPriorities,
     warnings
   }
 }
@@ -400,6 +436,7 @@ export interface ResolvedRouteConfig {
   pool: PoolOptions | null
   group: string | undefined
   hook: HookName | undefined
+  priority: PriorityOption | undefined
   /** Values that are valid but probably not what was meant, to log once. */
   warnings: readonly string[]
 }
@@ -411,9 +448,9 @@ const warnedConfigs = new WeakSet<object>()
 
 export function resolveRouteConfig (route: string, config: unknown, global: boolean): ResolvedRouteConfig | null {
   const where = `route ${route}: config.concurrencyLimit.`
-  if (config === undefined) return global ? { pool: null, group: undefined, hook: undefined, warnings: NO_WARNINGS } : null
+  if (config === undefined) return global ? { pool: null, group: undefined, hook: undefined, priority: undefined, warnings: NO_WARNINGS } : null
   if (config === false) return null
-  if (config === true) return { pool: null, group: undefined, hook: undefined, warnings: NO_WARNINGS }
+  if (config === true) return { pool: null, group: undefined, hook: undefined, priority: undefined, warnings: NO_WARNINGS }
   if (!isPlainObject(config)) {
     throw new InvalidOptionError(`route ${route}: config.concurrencyLimit must be an object, true or false, received ${show(config)}`)
   }
@@ -431,6 +468,7 @@ export function resolveRouteConfig (route: string, config: unknown, global: bool
     pool: Object.keys(pool).length > 0 ? pool : null,
     group: group as string | undefined,
     hook,
+    priority: checkPriority(where, config.priority),
     warnings: seen ? NO_WARNINGS : warnings
   }
 }

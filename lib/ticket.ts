@@ -3,7 +3,7 @@ import type { Http2Stream } from 'node:http2'
 import type { Socket } from 'node:net'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { performance } from 'node:perf_hooks'
-import { IGNORE, SUCCESS, type Limiter, type Outcome, type RejectReason, type Waiter } from './limiter.js'
+import { IGNORE, SUCCESS, type Level, type Limiter, type Outcome, type RejectReason, type Waiter } from './limiter.js'
 import type { Rejecter } from './rejection.js'
 
 const QUEUED = 0
@@ -75,14 +75,16 @@ export class Ticket implements Waiter {
   readonly done: Done
   /** The body stream, when the slot is asked for in preParsing. */
   readonly payload: unknown
+  readonly level: Level
   #socketTickets: Set<Ticket> | null = null
 
-  constructor (admission: Admission, request: FastifyRequest, reply: FastifyReply, done: Done, payload: unknown) {
+  constructor (admission: Admission, request: FastifyRequest, reply: FastifyReply, done: Done, payload: unknown, level: Level) {
     this.admission = admission
     this.request = request
     this.reply = reply
     this.done = done
     this.payload = payload
+    this.level = level
   }
 
   /**
@@ -134,7 +136,7 @@ export class Ticket implements Waiter {
       return
     }
     const { limiter, rejecter } = this.admission
-    const reason = limiter.refuse()
+    const reason = limiter.refuse(this.level)
     if (reason === null) this.#ask()
     else {
       this.state = RELEASED
@@ -144,7 +146,7 @@ export class Ticket implements Waiter {
 
   #ask (): void {
     const limiter = this.admission.limiter
-    if (limiter.tryAcquire()) {
+    if (limiter.tryAcquire(this.level)) {
       if (limiter.adaptive) this.admittedAt = performance.now()
       this.state = ADMITTED
       this.continue()

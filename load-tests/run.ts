@@ -10,6 +10,7 @@
 //   memory      live memory per connection: idle, queued, refusal held back
 //   pooled-client open loop over a pool of keep-alive connections: 503s or client timeouts
 //   cpu         a CPU-bound route: maxEventLoopDelay against bare Fastify and under-pressure
+//   priority    priority classes at 10x overload, with and without them
 //   all         every scenario above but bench, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
@@ -23,6 +24,7 @@ import { explosion } from './scenarios/explosion.js'
 import { goodput } from './scenarios/goodput.js'
 import { memory } from './scenarios/memory.js'
 import { pooledClient } from './scenarios/pooled-client.js'
+import { priority } from './scenarios/priority.js'
 import { rejectCost } from './scenarios/reject-cost.js'
 import { storm } from './scenarios/retry-storm.js'
 import { threads } from './scenarios/threads.js'
@@ -63,6 +65,9 @@ switch (scenario) {
   case 'cpu':
     save(await cpu())
     break
+  case 'priority':
+    save(await priority())
+    break
   case 'all':
     save(await explosion())
     save(await goodput())
@@ -74,6 +79,7 @@ switch (scenario) {
     save(await memory())
     save(await pooledClient())
     save(await cpu())
+    save(await priority())
     progress(`report: ${writeHtmlReport(resultsDir)}`)
     break
   case 'report':
@@ -83,6 +89,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, priority, all, report or ci`)
     process.exitCode = 2
 }

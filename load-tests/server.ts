@@ -42,6 +42,8 @@ export interface ServerSettings {
   poolThreads?: number
   /** Options of @fastify/under-pressure, for its variant. */
   underPressure?: Record<string, unknown>
+  /** /work-{critical,normal,sheddable} carry their class (else all are normal). */
+  priorities?: boolean
 }
 
 export interface ServerStats {
@@ -205,6 +207,22 @@ app.get('/work', async (request, reply) => {
     inFlight--
   }
 })
+
+// The same work in three priority classes, sharing the plugin's pool.
+for (const priority of ['critical', 'normal', 'sheddable'] as const) {
+  const config = { concurrencyLimit: settings.priorities === true ? { priority } : true }
+  app.get(`/work-${priority}`, { config }, async () => {
+    requests++
+    inFlight++
+    if (inFlight > peakInFlight) peakInFlight = inFlight
+    try {
+      await downstream.call(settings.serviceTime)
+      return 'ok'
+    } finally {
+      inFlight--
+    }
+  })
+}
 
 // Thread explosion: CPU work on a new thread per request, against a bounded
 // pool whose own queue is bounded, behind the plugin.

@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify from 'fastify'
 import { request as httpRequest } from 'node:http'
 import concurrencyLimit from '../lib/index.js'
-import { DROP, IGNORE, Limiter, SUCCESS, type RejectReason, type Waiter } from '../lib/limiter.js'
+import { DROP, IGNORE, Limiter, NORMAL, SUCCESS, type RejectReason, type Waiter } from '../lib/limiter.js'
 import { FixedLimit } from '../lib/limits/fixed.js'
 import { GradientLimit } from '../lib/limits/gradient.js'
 import { DEFAULT_ADAPTIVE, poolSettings, resolveOptions, resolveRouteConfig, samePool } from '../lib/options.js'
@@ -16,6 +16,7 @@ class TestWaiter implements Waiter {
   next: Waiter | null = null
   enqueuedAt = 0
   deadline = 0
+  readonly level = NORMAL
   admitted = false
   alive = true
   admit (): boolean {

@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 
 const tick = () => new Promise<void>((resolve) => process.nextTick(resolve))
-import { Limiter, type RejectReason, type Waiter } from '../lib/limiter.js'
+import { Limiter, NORMAL, type Level, type RejectReason, type Waiter } from '../lib/limiter.js'
 
 class TestWaiter implements Waiter {
   prev: Waiter | null = null
@@ -15,10 +15,12 @@ class TestWaiter implements Waiter {
   alive = true
   readonly id: number
   readonly log: string[]
+  readonly level: Level
 
-  constructor (id: number, log: string[]) {
+  constructor (id: number, log: string[], level: Level = NORMAL) {
     this.id = id
     this.log = log
+    this.level = level
   }
 
   admit (): boolean {
@@ -184,7 +186,7 @@ function fakeClock (t: Test): { advance (ms: number): void } {
   return { advance (ms) { now += ms } }
 }
 
-const parked = (): Waiter => ({ prev: null, next: null, enqueuedAt: 0, deadline: 0, admit: () => true, reject: () => {} })
+const parked = (): Waiter => ({ prev: null, next: null, enqueuedAt: 0, deadline: 0, level: NORMAL, admit: () => true, reject: () => {} })
 
 // `count` completions spread evenly over `ms`.
 function complete (limiter: Limiter, clock: { advance (ms: number): void }, count: number, ms: number): void {
