@@ -8,14 +8,18 @@ import type {
 } from 'fastify'
 import fp from 'fastify-plugin'
 import { guardEveryServer, type ConnectionGuard, type ConnectionStats } from './connection-guard.js'
+import { Reporter, type RequestConcurrencyLimit } from './diagnostics.js'
 import { InvalidOptionError } from './errors.js'
 import type { LimiterStats } from './limiter.js'
 import { resolveOptions, resolveRouteConfig, type ConcurrencyLimitOptions, type HookName, type RouteConcurrencyLimitSetting } from './options.js'
+import { registerMetrics } from './metrics.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
 import { Ticket, ticketOf, type Admission } from './ticket.js'
 
 export type { ConnectionStats } from './connection-guard.js'
+export { channels } from './diagnostics.js'
+export type { AbandonMessage, AdmitMessage, QueueMessage, RefuseMessage, ReleaseMessage, RequestConcurrencyLimit } from './diagnostics.js'
 export {
   ClosingError,
   ConnectionLimitError,
@@ -30,6 +34,9 @@ export type {
   AdaptiveOptions,
   ConcurrencyLimitOptions,
   HookName,
+  LogLevel,
+  MetricsOptions,
+  MetricsRegistry,
   PoolOptions,
   Rejection,
   RejectionWithRetry,
@@ -52,6 +59,10 @@ export interface ConcurrencyLimitDecorator {
 declare module 'fastify' {
   interface FastifyInstance {
     concurrencyLimit: ConcurrencyLimitDecorator
+  }
+  interface FastifyRequest {
+    /** The pool that admitted the request and how long it waited; null until a pool admits it. */
+    concurrencyLimit: RequestConcurrencyLimit | null
   }
   interface FastifyContextConfig {
     /** `false`: never limited. `true` or `{}`: the plugin's pool. Limits: a pool of its own. */
@@ -88,6 +99,10 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     connections: () => guard?.stats() ?? null
   }
   fastify.decorate('concurrencyLimit', decorator)
+  // A registration in a child context finds it made by the one at the root.
+  if (!fastify.hasRequestDecorator('concurrencyLimit')) fastify.decorateRequest('concurrencyLimit', null)
+  if (options.metrics !== null) await registerMetrics(fastify, options.metrics, pools, guard)
+  const reporter = new Reporter(options)
 
   // Waiters must be answered before the server waits for in-flight requests
   // to end, or close() would wait on requests that wait on it.
@@ -118,7 +133,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     const resolved = resolveRouteConfig(routeName, config, options.global)
     if (resolved === null) return
     if (own) for (const warning of resolved.warnings) fastify.log.warn(warning)
-    const admission: Admission = { limiter: pools.forRoute(routeName, route.url, config as object, resolved), rejecter, key }
+    const admission: Admission = { limiter: pools.forRoute(routeName, route.url, config as object, resolved), rejecter, key, reporter }
     const stage: HookName = resolved.hook ?? options.hook
 
     // Route-level hooks run after the instance's own hooks of the same stage;
@@ -129,12 +144,18 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
       ? function concurrencyLimit (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: Done): void {
         const reason = admission.limiter.refuse()
         if (reason === null) new Ticket(admission, request, reply, done, payload).start()
-        else rejecter.reject(admission.limiter, request, reply, reason)
+        else {
+          reporter.refused(request, admission.limiter.name, reason)
+          rejecter.reject(admission.limiter, request, reply, reason)
+        }
       }
       : function concurrencyLimit (request: FastifyRequest, reply: FastifyReply, done: Done): void {
         const reason = admission.limiter.refuse()
         if (reason === null) new Ticket(admission, request, reply, done, undefined).start()
-        else rejecter.reject(admission.limiter, request, reply, reason)
+        else {
+          reporter.refused(request, admission.limiter.name, reason)
+          rejecter.reject(admission.limiter, request, reply, reason)
+        }
       }
     const existing = route[stage] as unknown
     const hooks = existing === undefined ? [] : Array.isArray(existing) ? existing : [existing]

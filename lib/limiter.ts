@@ -109,6 +109,8 @@ export class Limiter {
   closing = false
   /** Refusals held back by a reject delay (kept here to show in stats). */
   heldRejections = 0
+  /** Told the milliseconds each waiter admitted from the queue waited (metrics). */
+  onWait: ((ms: number) => void) | null = null
 
   #head: Waiter | null = null
   #tail: Waiter | null = null
@@ -245,6 +247,7 @@ export class Limiter {
         this.#waitCount++
         this.#waitTotal += waited
         if (waited > this.#waitMax) this.#waitMax = waited
+        if (this.onWait !== null) this.onWait(waited)
         if (this.inFlight > this.#peakInFlight) this.#peakInFlight = this.inFlight
       } else {
         this.inFlight--
