@@ -8,6 +8,7 @@ import type {
 } from 'fastify'
 import fp from 'fastify-plugin'
 import { guardEveryServer, type ConnectionGuard, type ConnectionStats } from './connection-guard.js'
+import { Reporter, type RequestConcurrencyLimit } from './diagnostics.js'
 import { InvalidOptionError } from './errors.js'
 import { LEVELS, type Level, type LimiterStats } from './limiter.js'
 import {
@@ -19,11 +20,14 @@ import {
   type PriorityOption,
   type RouteConcurrencyLimitSetting
 } from './options.js'
+import { registerMetrics } from './metrics.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
 import { Ticket, ticketOf, type Admission } from './ticket.js'
 
 export type { ConnectionStats } from './connection-guard.js'
+export { channels } from './diagnostics.js'
+export type { AbandonMessage, AdmitMessage, QueueMessage, RefuseMessage, ReleaseMessage, RequestConcurrencyLimit } from './diagnostics.js'
 export {
   ClosingError,
   ConnectionLimitError,
@@ -39,6 +43,9 @@ export type {
   AdaptiveOptions,
   ConcurrencyLimitOptions,
   HookName,
+  LogLevel,
+  MetricsOptions,
+  MetricsRegistry,
   PoolOptions,
   Priority,
   PriorityOption,
@@ -63,6 +70,10 @@ export interface ConcurrencyLimitDecorator {
 declare module 'fastify' {
   interface FastifyInstance {
     concurrencyLimit: ConcurrencyLimitDecorator
+  }
+  interface FastifyRequest {
+    /** The pool that admitted the request and how long it waited; null until a pool admits it. */
+    concurrencyLimit: RequestConcurrencyLimit | null
   }
   interface FastifyContextConfig {
     /** `false`: never limited. `true` or `{}`: the plugin's pool. Limits: a pool of its own. */
@@ -99,6 +110,10 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     connections: () => guard?.stats() ?? null
   }
   fastify.decorate('concurrencyLimit', decorator)
+  // A registration in a child context finds it made by the one at the root.
+  if (!fastify.hasRequestDecorator('concurrencyLimit')) fastify.decorateRequest('concurrencyLimit', null)
+  if (options.metrics !== null) await registerMetrics(fastify, options.metrics, pools, guard)
+  const reporter = new Reporter(options)
 
   // Waiters must be answered before the server waits for in-flight requests
   // to end, or close() would wait on requests that wait on it.
@@ -129,7 +144,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     const resolved = resolveRouteConfig(routeName, config, options.global)
     if (resolved === null) return
     if (own) for (const warning of resolved.warnings) fastify.log.warn(warning)
-    const admission: Admission = { limiter: pools.forRoute(routeName, route.url, config as object, resolved), rejecter, key }
+    const admission: Admission = { limiter: pools.forRoute(routeName, route.url, config as object, resolved), rejecter, key, reporter }
     const stage: HookName = resolved.hook ?? options.hook
     const priority = levelOrPicker(resolved.priority ??
       (resolved.group === undefined ? undefined : options.groupPriorities.get(resolved.group)) ?? options.priority)
@@ -147,7 +162,10 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
         }
         const reason = admission.limiter.refuse(level)
         if (reason === null) new Ticket(admission, request, reply, done, payload, level).start()
-        else rejecter.reject(admission.limiter, request, reply, reason)
+        else {
+          reporter.refused(request, admission.limiter.name, reason)
+          rejecter.reject(admission.limiter, request, reply, reason)
+        }
       }
       : function concurrencyLimit (request: FastifyRequest, reply: FastifyReply, done: Done): void {
         const level = typeof priority === 'number' ? priority : levelOf(priority, request)
@@ -157,7 +175,10 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
         }
         const reason = admission.limiter.refuse(level)
         if (reason === null) new Ticket(admission, request, reply, done, undefined, level).start()
-        else rejecter.reject(admission.limiter, request, reply, reason)
+        else {
+          reporter.refused(request, admission.limiter.name, reason)
+          rejecter.reject(admission.limiter, request, reply, reason)
+        }
       }
     const existing = route[stage] as unknown
     const hooks = existing === undefined ? [] : Array.isArray(existing) ? existing : [existing]

@@ -132,6 +132,8 @@ export class Limiter {
   closing = false
   /** Refusals held back by a reject delay (kept here to show in stats). */
   heldRejections = 0
+  /** Told the milliseconds each waiter admitted from the queue waited (metrics). */
+  onWait: ((ms: number) => void) | null = null
 
   // One FIFO queue per priority class; a freed slot goes to the head of the
   // most important class that has one.
@@ -322,6 +324,7 @@ export class Limiter {
         this.#waitCount++
         this.#waitTotal += waited
         if (waited > this.#waitMax) this.#waitMax = waited
+        if (this.onWait !== null) this.onWait(waited)
         if (this.inFlight > this.#peakInFlight) this.#peakInFlight = this.inFlight
       } else {
         this.inFlight--

@@ -24,6 +24,31 @@ export interface AdaptiveOptions {
   baselineInterval?: number
 }
 
+/**
+ * The part of a prom-client (>= 15) `Registry` the plugin uses: pass a
+ * `new Registry()` or prom-client's global `register`.
+ */
+export interface MetricsRegistry {
+  registerMetric (metric: object): void
+  getSingleMetric (name: string): unknown
+  removeSingleMetric (name: string): void
+  metrics (): Promise<string>
+}
+
+/** Prometheus metrics, with prom-client >= 15 installed. */
+export interface MetricsOptions {
+  /** The registry the metrics are registered on. */
+  registry: MetricsRegistry
+  /**
+   * Start of every metric name. Default 'fastify_concurrency_limit_'. A second
+   * registration of the plugin on the same registry needs its own.
+   */
+  prefix?: string
+}
+
+/** A level of Fastify's logger. */
+export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace'
+
 /** Settings of one pool of slots. */
 export interface PoolOptions {
   /**
@@ -130,6 +155,18 @@ export interface ConcurrencyLimitOptions extends PoolOptions {
    * closed. Integer >= 1. Default: no bound.
    */
   maxConnections?: number
+  /**
+   * Prometheus metrics on your prom-client registry (prom-client is loaded
+   * only with this option). Default: none.
+   */
+  metrics?: MetricsOptions
+  /**
+   * Add `Server-Timing: queue;dur=<ms>` (the time spent in the queue) to
+   * every admitted response. Default false: it tells clients about the server.
+   */
+  serverTiming?: boolean
+  /** Log each refusal, with its pool and reason, at this level. Default false: not logged. */
+  logRefusals?: false | LogLevel
 }
 
 /** `config.concurrencyLimit` of a route. */
@@ -173,6 +210,9 @@ export interface ResolvedOptions {
   maxHeldRejections: number
   closeOnReject: boolean
   maxConnections: number | undefined
+  metrics: { registry: MetricsRegistry, prefix: string } | null
+  serverTiming: boolean
+  logRefusals: LogLevel | null
   /** Pool settings as given at plugin level; unset fields are filled per pool. */
   pool: PoolOptions
   groups: Map<string, PoolOptions>
@@ -195,6 +235,7 @@ export const DEFAULT_ADAPTIVE: AdaptiveSettings = Object.freeze({
 export const DEFAULT_QUEUE_TIMEOUT = 1000
 export const DEFAULT_MAX_HELD_REJECTIONS = 10_000
 export const DEFAULT_REJECT_DELAY = 1000
+export const DEFAULT_METRICS_PREFIX = 'fastify_concurrency_limit_'
 // setTimeout clamps anything longer to 1 ms, which would turn a long timeout into none.
 const MAX_TIMEOUT = 2 ** 31 - 1
 /**
@@ -212,7 +253,11 @@ const MIN_LOOP_DELAY = 10
 const HOOKS: readonly HookName[] = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
 const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout', 'maxEventLoopDelay', 'adaptive'] as const
 const ADAPTIVE_KEYS = new Set<string>(['minConcurrency', 'initialConcurrency', 'tolerance', 'baselineInterval'])
-const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'priority', 'global', 'hook', 'exempt', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject', 'maxConnections'])
+const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'priority', 'global', 'hook', 'exempt', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject', 'maxConnections', 'metrics', 'serverTiming', 'logRefusals'])
+const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace']
+const METRICS_KEYS = new Set<string>(['registry', 'prefix'])
+// Prometheus's metric names (a prefix is the start of one).
+const METRIC_NAME = /^[a-zA-Z_:][a-zA-Z0-9_:]*$/
 const ROUTE_KEYS = new Set<string>([...POOL_KEYS, 'priority', 'group', 'hook'])
 const GROUP_KEYS = new Set<string>([...POOL_KEYS, 'priority'])
 const PRIORITIES: readonly string[] = ['critical', 'normal', 'sheddable']
@@ -356,6 +401,23 @@ function checkExempt (exempt: unknown): ((route: RouteOptions) => boolean) | nul
   return (route) => urls.has(route.url) || tests.some((re) => re.test(route.url))
 }
 
+function checkMetrics (metrics: unknown): ResolvedOptions['metrics'] {
+  if (metrics === undefined) return null
+  if (!isPlainObject(metrics)) fail('', 'metrics', 'an object ({ registry, prefix? })', metrics)
+  checkKeys('metrics.', metrics, METRICS_KEYS)
+  const { registry, prefix } = metrics
+  const methods = ['registerMetric', 'getSingleMetric', 'removeSingleMetric', 'metrics'] as const
+  if (registry === null || typeof registry !== 'object' ||
+    methods.some((method) => typeof (registry as Record<string, unknown>)[method] !== 'function')) {
+    throw new InvalidOptionError('metrics.registry must be a prom-client Registry (new Registry(), or prom-client\'s register), ' +
+      `received ${registry === null || typeof registry !== 'object' ? show(registry) : 'an object without its methods'}`)
+  }
+  if (prefix !== undefined && !(typeof prefix === 'string' && METRIC_NAME.test(prefix))) {
+    fail('', 'metrics.prefix', 'the start of a Prometheus metric name (letters, digits, _ and :, not a digit first)', prefix)
+  }
+  return { registry: registry as MetricsRegistry, prefix: (prefix as string | undefined) ?? DEFAULT_METRICS_PREFIX }
+}
+
 function checkHook (where: string, hook: unknown): HookName | undefined {
   if (hook === undefined) return undefined
   if (!HOOKS.includes(hook as HookName)) fail(where, 'hook', `one of ${HOOKS.join(', ')}`, hook)
@@ -368,7 +430,7 @@ export function resolveOptions (options: unknown): ResolvedOptions {
   if (!isPlainObject(opts)) fail('', 'the options', 'an object', opts)
   checkKeys('', opts, PLUGIN_KEYS)
 
-  const { global, exempt, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject, maxConnections } = opts
+  const { global, exempt, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject, maxConnections, serverTiming, logRefusals } = opts
   const warnings: string[] = []
   const pool = checkPool('', opts, warnings)
   if (global !== undefined && typeof global !== 'boolean') fail('', 'global', 'a boolean', global)
@@ -394,6 +456,11 @@ export function resolveOptions (options: unknown): ResolvedOptions {
   if (closeOnReject !== undefined && typeof closeOnReject !== 'boolean') fail('', 'closeOnReject', 'a boolean', closeOnReject)
   if (maxConnections !== undefined && !(Number.isSafeInteger(maxConnections) && (maxConnections as number) >= 1)) {
     fail('', 'maxConnections', 'an integer >= 1', maxConnections)
+  }
+
+  if (serverTiming !== undefined && typeof serverTiming !== 'boolean') fail('', 'serverTiming', 'a boolean', serverTiming)
+  if (logRefusals !== undefined && logRefusals !== false && !LOG_LEVELS.includes(logRefusals as LogLevel)) {
+    fail('', 'logRefusals', `false or a log level (${LOG_LEVELS.join(', ')})`, logRefusals)
   }
 
   const priority = checkPriority('', opts.priority)
@@ -422,6 +489,9 @@ export function resolveOptions (options: unknown): ResolvedOptions {
     maxHeldRejections: (maxHeldRejections as number | undefined) ?? DEFAULT_MAX_HELD_REJECTIONS,
     closeOnReject: (closeOnReject as boolean | undefined) ?? false,
     maxConnections: maxConnections as number | undefined,
+    metrics: checkMetrics(opts.metrics),
+    serverTiming: (serverTiming as boolean | undefined) ?? false,
+    logRefusals: logRefusals === undefined || logRefusals === false ? null : logRefusals as LogLevel,
     pool,
     groups: resolvedGroups,
     priority,

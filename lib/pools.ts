@@ -72,6 +72,11 @@ export class Pools {
     return Array.from(this.#byName.values(), (limiter) => limiter.stats())
   }
 
+  /** Every pool so far (route pools are added as routes are). */
+  limiters (): IterableIterator<Limiter> {
+    return this.#byName.values()
+  }
+
   close (): void {
     for (const limiter of this.#byName.values()) limiter.close()
     this.#turn.stop()

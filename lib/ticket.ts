@@ -3,6 +3,7 @@ import type { Http2Stream } from 'node:http2'
 import type { Socket } from 'node:net'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { performance } from 'node:perf_hooks'
+import type { Reporter } from './diagnostics.js'
 import { IGNORE, SUCCESS, type Level, type Limiter, type Outcome, type RejectReason, type Waiter } from './limiter.js'
 import type { Rejecter } from './rejection.js'
 
@@ -25,6 +26,7 @@ export interface Admission {
   readonly limiter: Limiter
   readonly rejecter: Rejecter
   readonly key: symbol
+  readonly reporter: Reporter
 }
 
 const kOpenTickets = Symbol('fastify-concurrency-limit.open-tickets')
@@ -140,6 +142,7 @@ export class Ticket implements Waiter {
     if (reason === null) this.#ask()
     else {
       this.state = RELEASED
+      this.admission.reporter.refused(this.request, limiter.name, reason)
       rejecter.reject(limiter, this.request, this.reply, reason)
     }
   }
@@ -149,11 +152,13 @@ export class Ticket implements Waiter {
     if (limiter.tryAcquire(this.level)) {
       if (limiter.adaptive) this.admittedAt = performance.now()
       this.state = ADMITTED
+      this.admission.reporter.admitted(this.request, this.reply, limiter.name, 0)
       this.continue()
       return
     }
     limiter.enqueue(this)
     this.state = QUEUED
+    this.admission.reporter.queued(this.request, limiter.name)
   }
 
   /**
@@ -167,18 +172,23 @@ export class Ticket implements Waiter {
   }
 
   admit (): boolean {
+    const { limiter, reporter } = this.admission
     if (this.gone()) {
       this.state = RELEASED
+      reporter.abandoned(this.request, limiter.name, performance.now() - this.enqueuedAt)
       return false
     }
-    if (this.admission.limiter.adaptive) this.admittedAt = performance.now()
+    const now = performance.now()
+    if (limiter.adaptive) this.admittedAt = now
     this.state = ADMITTED
+    reporter.admitted(this.request, this.reply, limiter.name, now - this.enqueuedAt)
     this.continue()
     return true
   }
 
   reject (reason: RejectReason): void {
     this.state = RELEASED
+    this.admission.reporter.refused(this.request, this.admission.limiter.name, reason)
     this.admission.rejecter.reject(this.admission.limiter, this.request, this.reply, reason)
   }
 
@@ -202,6 +212,7 @@ export class Ticket implements Waiter {
     } else if (this.state === QUEUED) {
       this.state = RELEASED
       this.admission.limiter.abandon(this)
+      this.admission.reporter.abandoned(this.request, this.admission.limiter.name, performance.now() - this.enqueuedAt)
     } else if (!this.handlerPending) {
       this.release()
     } else {
@@ -213,6 +224,7 @@ export class Ticket implements Waiter {
     if (this.state !== ADMITTED) return
     this.state = RELEASED
     const limiter = this.admission.limiter
+    this.admission.reporter.released(this.request, limiter.name)
     if (limiter.adaptive) limiter.release(this.admittedAt, outcomeOf(this.reply))
     else limiter.release()
   }

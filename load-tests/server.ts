@@ -34,6 +34,8 @@ export interface ServerSettings {
   backlog?: number
   /** Add an empty onRequest and an empty onResponse hook: the bench's yardstick. */
   emptyHooks?: boolean
+  /** Prometheus metrics on a registry of prom-client's, scraped at /metrics. */
+  metrics?: boolean
   /** More plugin options (the mechanisms of the retry-storm scenario). */
   plugin?: Record<string, unknown>
   /** CPU milliseconds of one /cpu-* request. */
@@ -74,13 +76,21 @@ export interface ServerMemory {
 const settings = JSON.parse(process.argv[2] ?? '{}') as ServerSettings
 const app = Fastify({ logger: false, forceCloseConnections: true, keepAliveTimeout: 30_000 })
 if (settings.variant === 'plugin') {
+  const registry = settings.metrics === true ? new (await import('prom-client')).Registry() : null
   await app.register(concurrencyLimit, {
     maxConcurrency: settings.maxConcurrency,
     maxQueue: settings.maxQueue,
     queueTimeout: settings.queueTimeout,
     groups: { saturated: { maxConcurrency: 1, maxQueue: 0 } },
+    ...(registry === null ? {} : { metrics: { registry }, exempt: ['/metrics'] }),
     ...settings.plugin
   })
+  if (registry !== null) {
+    app.get('/metrics', async (_request, reply) => {
+      reply.type(registry.contentType)
+      return await registry.metrics()
+    })
+  }
 }
 if (settings.variant === 'under-pressure') await app.register(underPressure, settings.underPressure ?? {})
 

@@ -46,7 +46,7 @@ const invalid: Array<[string, unknown, RegExp]> = [
   ['retryAfter Infinity', { retryAfter: Infinity }, /retryAfter must be .*, received Infinity$/],
   ['retryAfter string', { retryAfter: '5' }, /retryAfter must be .*, received "5"$/],
   ['errorResponseBuilder object', { errorResponseBuilder: {} }, /errorResponseBuilder must be a function, received \{\}$/],
-  ['unknown key', { maxConcurency: 10 }, /maxConcurency is not an option \(expected one of maxConcurrency, maxQueue, queueTimeout, maxEventLoopDelay, adaptive, priority, global, hook, exempt, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject, maxConnections\)$/],
+  ['unknown key', { maxConcurency: 10 }, /maxConcurency is not an option \(expected one of maxConcurrency, maxQueue, queueTimeout, maxEventLoopDelay, adaptive, priority, global, hook, exempt, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject, maxConnections, metrics, serverTiming, logRefusals\)$/],
   ['rejectDelay negative', { rejectDelay: -1 }, /rejectDelay must be an integer number of milliseconds from 0 to 2147483647, received -1$/],
   ['rejectDelay in seconds, a fraction', { rejectDelay: 0.25 }, /rejectDelay must be an integer number of milliseconds from 0 to 2147483647, received 0.25$/],
   ['rejectDelay too long', { rejectDelay: 2 ** 31 }, /rejectDelay must be .*, received 2147483648$/],
