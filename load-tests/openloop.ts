@@ -28,7 +28,7 @@ export interface OpenLoopResult {
   /** Event-loop lag of the generator itself: high values mean it, not the server, was the bottleneck. */
   generatorLagP99Ms: number
   /** Goodput per bucket, for recovery curves. */
-  series: Array<{ t: number, offeredPerS: number, goodputPerS: number }>
+  series: Array<{ t: number, offeredPerS: number, goodputPerS: number, rejectedPerS: number, timeoutsPerS: number }>
 }
 
 export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResult> {
@@ -37,6 +37,8 @@ export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResul
   const buckets = Math.ceil(options.durationS / bucketS)
   const sentBy = new Array<number>(buckets).fill(0)
   const okBy = new Array<number>(buckets).fill(0)
+  const rejectedBy = new Array<number>(buckets).fill(0)
+  const timeoutsBy = new Array<number>(buckets).fill(0)
   const latencies: number[] = []
   let offered = 0
   let ok = 0
@@ -60,12 +62,15 @@ export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResul
         latencies.push(elapsed)
       } else if (res.statusCode === 503 || res.statusCode === 429) {
         rejected++
+        rejectedBy[bucket]++
       } else {
         errors++
       }
     }, (err: Error) => {
-      if (err.name === 'TimeoutError' || err.name === 'AbortError') timeouts++
-      else errors++
+      if (err.name === 'TimeoutError' || err.name === 'AbortError') {
+        timeouts++
+        timeoutsBy[bucket]++
+      } else errors++
     }).finally(() => { pending.delete(p) })
     pending.add(p)
   }
@@ -100,6 +105,6 @@ export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResul
     errors,
     latencyOk: summarize(latencies),
     generatorLagP99Ms: lag.percentile(99) / 1e6,
-    series: sentBy.map((sent, i) => ({ t: i * bucketS, offeredPerS: sent / bucketS, goodputPerS: okBy[i] / bucketS }))
+    series: sentBy.map((sent, i) => ({ t: i * bucketS, offeredPerS: sent / bucketS, goodputPerS: okBy[i] / bucketS, rejectedPerS: rejectedBy[i] / bucketS, timeoutsPerS: timeoutsBy[i] / bucketS }))
   }
 }

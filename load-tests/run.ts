@@ -11,10 +11,12 @@
 //   pooled-client open loop over a pool of keep-alive connections: 503s or client timeouts
 //   cpu         a CPU-bound route: maxEventLoopDelay against bare Fastify and under-pressure
 //   priority    priority classes at 10x overload, with and without them
+//   adaptive    an adaptive limit against a downstream whose capacity changes
 //   all         every scenario above but bench, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
 import { writeHtmlReport } from './report.js'
+import { adaptive } from './scenarios/adaptive.js'
 import { backlog } from './scenarios/backlog.js'
 import { bench } from './scenarios/bench.js'
 import { ci } from './scenarios/ci.js'
@@ -68,6 +70,9 @@ switch (scenario) {
   case 'priority':
     save(await priority())
     break
+  case 'adaptive':
+    save(await adaptive())
+    break
   case 'all':
     save(await explosion())
     save(await goodput())
@@ -80,6 +85,7 @@ switch (scenario) {
     save(await pooledClient())
     save(await cpu())
     save(await priority())
+    save(await adaptive())
     progress(`report: ${writeHtmlReport(resultsDir)}`)
     break
   case 'report':
@@ -89,6 +95,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, priority, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, priority, adaptive, all, report or ci`)
     process.exitCode = 2
 }

@@ -38,6 +38,8 @@ export interface ServerSettings {
   metrics?: boolean
   /** More plugin options (the mechanisms of the retry-storm scenario). */
   plugin?: Record<string, unknown>
+  /** Register the plugin with `plugin` alone: its defaults for everything else. */
+  pluginOnly?: boolean
   /** CPU milliseconds of one /cpu-* request. */
   cpuMs?: number
   /** Threads of the /cpu-pool pool (default: cores). */
@@ -46,6 +48,11 @@ export interface ServerSettings {
   underPressure?: Record<string, unknown>
   /** /work-{critical,normal,sheddable} carry their class (else all are normal). */
   priorities?: boolean
+  /**
+   * The downstream's parallel calls over time, from the last 'reset':
+   * [seconds, slots] steps. The server then samples its pool every 100 ms.
+   */
+  downstreamSchedule?: Array<[number, number]>
 }
 
 export interface ServerStats {
@@ -59,6 +66,10 @@ export interface ServerStats {
   plugin: unknown
   /** Server-side arrival-to-finish latency of 2xx answers of /work. */
   okLatency: { count: number, p50: number, p99: number, max: number }
+  /** With a downstream schedule: [ms, limit, in flight, downstream slots] every 100 ms. */
+  timeline?: Array<[number, number, number, number]>
+  /** With a downstream schedule: [finished at ms, latency ms] of each 2xx. */
+  oks?: Array<[number, number]>
 }
 
 export interface ServerMemory {
@@ -77,14 +88,16 @@ const settings = JSON.parse(process.argv[2] ?? '{}') as ServerSettings
 const app = Fastify({ logger: false, forceCloseConnections: true, keepAliveTimeout: 30_000 })
 if (settings.variant === 'plugin') {
   const registry = settings.metrics === true ? new (await import('prom-client')).Registry() : null
-  await app.register(concurrencyLimit, {
-    maxConcurrency: settings.maxConcurrency,
-    maxQueue: settings.maxQueue,
-    queueTimeout: settings.queueTimeout,
-    groups: { saturated: { maxConcurrency: 1, maxQueue: 0 } },
-    ...(registry === null ? {} : { metrics: { registry }, exempt: ['/metrics'] }),
-    ...settings.plugin
-  })
+  await app.register(concurrencyLimit, settings.pluginOnly === true
+    ? settings.plugin ?? {}
+    : {
+        maxConcurrency: settings.maxConcurrency,
+        maxQueue: settings.maxQueue,
+        queueTimeout: settings.queueTimeout,
+        groups: { saturated: { maxConcurrency: 1, maxQueue: 0 } },
+        ...(registry === null ? {} : { metrics: { registry }, exempt: ['/metrics'] }),
+        ...settings.plugin
+      })
   if (registry !== null) {
     app.get('/metrics', async (_request, reply) => {
       reply.type(registry.contentType)
@@ -105,10 +118,16 @@ app.addHook('onRequest', (request, _reply, done) => {
   done()
 })
 
+// When each of them finished, in ms since the last reset.
+const okAt = new Float64Array(okLatencies.length)
+let resetAt = performance.now()
+
 function recordOk (request: FastifyRequest, reply: FastifyReply): void {
   reply.raw.once('finish', () => {
     if (reply.statusCode < 300 && okCount < okLatencies.length) {
-      okLatencies[okCount++] = performance.now() - (request as unknown as Record<symbol, number>)[kStarted]
+      const now = performance.now()
+      okAt[okCount] = now - resetAt
+      okLatencies[okCount++] = now - (request as unknown as Record<symbol, number>)[kStarted]
     }
   })
 }
@@ -164,7 +183,7 @@ app.get('/queued', { config: { concurrencyLimit: { maxConcurrency: 1, maxQueue: 
 // `serviceTime`; the rest wait in an unbounded FIFO, as callers of a
 // saturated database pool do. It serves calls whose client left, too.
 class Downstream {
-  readonly slots: number
+  slots: number
   active = 0
   readonly #waiting: Array<() => void> = []
   #head = 0
@@ -185,15 +204,32 @@ class Downstream {
     }
   }
 
+  /** Changes the parallel calls served: more start waiting calls at once, fewer let running ones finish. */
+  setSlots (slots: number): void {
+    this.slots = slots
+    while (this.active < this.slots && this.#head < this.#waiting.length) {
+      this.active++
+      this.#take()()
+    }
+  }
+
+  #take (): () => void {
+    const resolve = this.#waiting[this.#head]
+    this.#waiting[this.#head++] = noop
+    if (this.#head > 1024 && this.#head * 2 > this.#waiting.length) {
+      this.#waiting.splice(0, this.#head)
+      this.#head = 0
+    }
+    return resolve
+  }
+
   #next (): void {
+    if (this.active > this.slots) {
+      this.active--
+      return
+    }
     if (this.#head < this.#waiting.length) {
-      const resolve = this.#waiting[this.#head]
-      this.#waiting[this.#head++] = noop
-      if (this.#head > 1024 && this.#head * 2 > this.#waiting.length) {
-        this.#waiting.splice(0, this.#head)
-        this.#head = 0
-      }
-      resolve() // the slot passes on
+      this.#take()() // the slot passes on
     } else {
       this.active--
     }
@@ -313,8 +349,27 @@ function stats (): ServerStats {
     cpuMicros: cpu.user + cpu.system,
     threadsPeak,
     plugin: settings.variant === 'plugin' ? app.concurrencyLimit.stats() : null,
-    okLatency: { count: okCount, ...summarize(Array.from(okLatencies.subarray(0, okCount))) }
+    okLatency: { count: okCount, ...summarize(Array.from(okLatencies.subarray(0, okCount))) },
+    ...(settings.downstreamSchedule === undefined
+      ? {}
+      : { timeline, oks: Array.from(okAt.subarray(0, okCount), (at, i) => [Math.round(at), Math.round(okLatencies[i] * 10) / 10] as [number, number]) })
   }
+}
+
+// With a downstream schedule: the pool's limit, in flight and the
+// downstream's slots every 100 ms from the last reset.
+const timeline: Array<[number, number, number, number]> = []
+let phaseTimers: NodeJS.Timeout[] = []
+function startSchedule (schedule: Array<[number, number]>): void {
+  for (const timer of phaseTimers) clearTimeout(timer)
+  timeline.length = 0
+  phaseTimers = schedule.map(([atS, slots]) => setTimeout(() => { downstream.setSlots(slots) }, atS * 1000))
+  const sample = setInterval(() => {
+    const pool = settings.variant === 'plugin' ? app.concurrencyLimit.stats() : null
+    timeline.push([Math.round(performance.now() - resetAt), pool?.limit ?? 0, pool?.inFlight ?? inFlight, downstream.slots])
+  }, 100)
+  sample.unref()
+  phaseTimers.push(sample)
 }
 
 /** Live memory after a full collection (run with --expose-gc), and what holds it. */
@@ -349,6 +404,8 @@ process.on('message', (message: { type: string }) => {
     okCount = 0
     eld.reset()
     cpuMark = process.cpuUsage()
+    resetAt = performance.now()
+    if (settings.downstreamSchedule !== undefined) startSchedule(settings.downstreamSchedule)
     process.send?.({ type: 'reset' })
   }
 })

@@ -198,8 +198,13 @@ t.test('loopUtilization measures the loop: busy near 1, idle near 0', async (t) 
   while (performance.now() < end);
   const busy = utilization()
   t.ok(busy > 0.9 && busy <= 1, `busy: ${busy}`)
-  await sleep(50)
-  const idle = utilization()
+  // The test runner's own work (compiling the next module, a collection)
+  // can fill a short sleep on a loaded machine: the quietest of a few.
+  let idle = 1
+  for (let i = 0; i < 5 && idle >= 0.5; i++) {
+    await sleep(100)
+    idle = Math.min(idle, utilization())
+  }
   t.ok(idle >= 0 && idle < 0.5, `idle: ${idle}`)
 })
 

@@ -1,6 +1,7 @@
 import t from 'tap'
 import Fastify from 'fastify'
 import concurrencyLimit, { OverloadedError } from '../lib/index.js'
+import { Limiter } from '../lib/limiter.js'
 import { build, client, get, listen, type Answer } from './helpers/server.js'
 
 /** Keeps the CPU busy for `ms`, as a handler that renders or parses would. */
@@ -62,6 +63,17 @@ t.test('requests one after another are never refused, however long each takes', 
     t.equal(answer.statusCode, 200)
   }
   t.equal(app.concurrencyLimit.stats().rejected.overloaded, 0)
+})
+
+t.test('a pool made without the plugin marks the turns itself', async (t) => {
+  const limiter = new Limiter('alone', { maxConcurrency: 1, maxQueue: 0, queueTimeout: 1000, maxEventLoopDelay: 5 })
+  t.equal(limiter.refuse(), null, 'the first arrival starts the turn')
+  limiter.tryAcquire()
+  burn(10)
+  t.equal(limiter.refuse(), 'overloaded', 'ten milliseconds later in the same turn')
+  await new Promise((resolve) => setImmediate(resolve))
+  t.equal(limiter.refuse(), 'queueFull', 'the next turn starts afresh; the one slot is taken')
+  limiter.close()
 })
 
 t.test('a group and a route pool take the bound of their own', async (t) => {

@@ -197,6 +197,15 @@ t.test('a priority function picks the class per request; a wrong answer is a 500
   t.same(seen, ['critical', 'undefined', 'urgent'])
 })
 
+t.test('at the default stage too, a priority function that answers wrong gets its request a 500', async (t) => {
+  const app = await build(t, { priority: () => 'urgent' as 'normal' })
+  app.post('/', async () => 'ok')
+  const res = await app.inject({ method: 'POST', url: '/', payload: { a: 1 } })
+  t.equal(res.statusCode, 500)
+  t.match(res.json(), { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION' })
+  t.equal(app.concurrencyLimit.stats().admitted, 0)
+})
+
 t.test('priority is validated at the plugin, in groups and in route config', async (t) => {
   const expected = "priority must be 'critical', 'normal', 'sheddable' or a function of the request that returns one"
   for (const [options, message] of [
