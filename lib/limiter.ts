@@ -2,6 +2,8 @@ import { performance } from 'node:perf_hooks'
 import type { AdaptiveState, Limit } from './limits/limit.js'
 import { FixedLimit } from './limits/fixed.js'
 import { GradientLimit } from './limits/gradient.js'
+import type { StoreSettings } from './store/options.js'
+import type { StoreStats } from './store/redis.js'
 
 export type RejectReason = 'queueFull' | 'queueTimeout' | 'closing'
 
@@ -19,6 +21,26 @@ export interface Waiter {
   admit (): boolean
   /** The waiter leaves the queue without a slot. */
   reject (reason: RejectReason): void
+  /** The waiter leaves the queue because the pool's shared store failed (lib/store/). */
+  unavailable? (): void
+}
+
+/**
+ * Where a pool whose limit is shared beyond this process gets its permits
+ * (lib/store/). Such a pool admits nobody by itself: every request waits in
+ * the local queue, and the source hands the permits it obtains to the queue's
+ * head through `grant()`.
+ */
+export interface PermitSource {
+  /** A waiter joined the queue. */
+  wake (): void
+  /** A permit of the pool came back (`inFlight` is already one lower). */
+  released (): void
+  /** Queued waiters that the source may admit at once, beyond which `maxQueue` counts. */
+  headroom (): number
+  /** The pool is closing: its waiters are gone, its permits out stay valid. */
+  close (): void
+  stats (): StoreStats
 }
 
 /** The settings of an adaptive limit, filled in (see options.ts). */
@@ -37,6 +59,8 @@ export interface LimiterSettings {
   queueTimeout: number
   /** null or unset: the limit is maxConcurrency. */
   adaptive?: AdaptiveSettings | null
+  /** null or unset: the limit is this process's own. */
+  store?: StoreSettings | null
 }
 
 /** How a permit ended, as the caller of `release` saw it. */
@@ -68,6 +92,8 @@ export interface LimiterStats {
   /** Refused requests now waiting out `rejectDelay` before they are answered. */
   heldRejections: number
   queueWait: { count: number, meanMs: number, maxMs: number }
+  /** The shared store's state, for a pool with a `store`; else null. */
+  store: StoreStats | null
 }
 
 // Completions are counted in windows of at least this long: long enough to
@@ -103,6 +129,7 @@ export class Limiter {
   readonly settings: LimiterSettings
   readonly #limit: Limit
   readonly #queueFollowsLimit: boolean
+  readonly #source: PermitSource | null
 
   inFlight = 0
   queued = 0
@@ -133,7 +160,7 @@ export class Limiter {
   #windowCompleted = 0
   #windowRate = 0
 
-  constructor (name: string, settings: LimiterSettings) {
+  constructor (name: string, settings: LimiterSettings, source: ((limiter: Limiter) => PermitSource) | null = null) {
     this.name = name
     this.settings = settings
     this.maxConcurrency = settings.maxConcurrency
@@ -146,11 +173,12 @@ export class Limiter {
     this.#queueFollowsLimit = settings.maxQueue === null
     this.maxQueue = settings.maxQueue ?? this.limit
     this.#windowStart = performance.now()
+    this.#source = source === null ? null : source(this)
   }
 
   /** Takes a slot if one is free. The caller must `release()` it exactly once. */
   tryAcquire (): boolean {
-    if (this.inFlight >= this.limit || this.#head !== null) return false
+    if (this.inFlight >= this.limit || this.#head !== null || this.#source !== null) return false
     const inFlight = ++this.inFlight
     this.#admitted++
     if (inFlight > this.#peakInFlight) this.#peakInFlight = inFlight
@@ -168,7 +196,7 @@ export class Limiter {
       this.#rejectedClosing++
       return 'closing'
     }
-    if (this.queued >= this.maxQueue) {
+    if (this.queued - (this.#source === null ? 0 : this.#source.headroom()) >= this.maxQueue) {
       this.#rejectedQueueFull++
       return 'queueFull'
     }
@@ -195,6 +223,7 @@ export class Limiter {
     // FIFO with one timeout: the head always has the nearest deadline, so
     // one timer per pool serves every waiter.
     if (this.#timer === null) this.#arm(waiter.deadline, now)
+    this.#source?.wake()
     return null
   }
 
@@ -217,6 +246,11 @@ export class Limiter {
     this.#completed++
     this.#countCompletion()
     if (this.adaptive && outcome !== IGNORE) this.#sample(admittedAt, outcome === DROP)
+    if (this.#source !== null) {
+      this.inFlight--
+      this.#source.released()
+      return
+    }
     if (this.#head === null) {
       this.inFlight--
       return
@@ -254,9 +288,58 @@ export class Limiter {
     }
   }
 
+  /**
+   * With a shared limit: gives a permit that the source obtained to the
+   * oldest live waiter. False if no waiter is left to take it.
+   */
+  grant (): boolean {
+    let waiter = this.#head
+    while (waiter !== null) {
+      this.#unlink(waiter)
+      this.inFlight++
+      if (waiter.admit()) {
+        this.#admitted++
+        const waited = performance.now() - waiter.enqueuedAt
+        this.#waitCount++
+        this.#waitTotal += waited
+        if (waited > this.#waitMax) this.#waitMax = waited
+        if (this.inFlight > this.#peakInFlight) this.#peakInFlight = this.inFlight
+        return true
+      }
+      this.inFlight--
+      this.#abandoned++
+      waiter = this.#head
+    }
+    return false
+  }
+
+  /**
+   * With a shared limit: refuses the newest waiters beyond `maxQueue` once
+   * the source found no permit for them.
+   */
+  trimQueue (): void {
+    while (this.queued > this.maxQueue) {
+      const waiter = this.#tail as Waiter
+      this.#unlink(waiter)
+      this.#rejectedQueueFull++
+      waiter.reject('queueFull')
+    }
+  }
+
+  /** With a shared limit whose store failed: refuses every waiter. */
+  refuseWaiters (): void {
+    let waiter = this.#head
+    while (waiter !== null) {
+      this.#unlink(waiter)
+      ;(waiter.unavailable as () => void).call(waiter)
+      waiter = this.#head
+    }
+  }
+
   /** Refuses every waiter and every future one; permits already out stay valid. */
   close (): void {
     this.closing = true
+    this.#source?.close()
     this.#disarm()
     let waiter = this.#head
     while (waiter !== null) {
@@ -329,7 +412,8 @@ export class Limiter {
         count: this.#waitCount,
         meanMs: this.#waitCount === 0 ? 0 : this.#waitTotal / this.#waitCount,
         maxMs: this.#waitMax
-      }
+      },
+      store: this.#source === null ? null : this.#source.stats()
     }
   }
 

@@ -5,6 +5,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import { performance } from 'node:perf_hooks'
 import { IGNORE, SUCCESS, type Limiter, type Outcome, type RejectReason, type Waiter } from './limiter.js'
 import type { Rejecter } from './rejection.js'
+import { refuseUnavailable } from './store/refusal.js'
 
 const QUEUED = 0
 const ADMITTED = 1
@@ -178,6 +179,11 @@ export class Ticket implements Waiter {
   reject (reason: RejectReason): void {
     this.state = RELEASED
     this.admission.rejecter.reject(this.admission.limiter, this.request, this.reply, reason)
+  }
+
+  unavailable (): void {
+    this.state = RELEASED
+    refuseUnavailable(this.reply)
   }
 
   handlerStarted (result: PromiseLike<unknown>): void {
