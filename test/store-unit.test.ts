@@ -89,7 +89,8 @@ function setup (store: Partial<StoreSettings> = {}, pool = { maxConcurrency: 2, 
 }
 
 const tick = async (): Promise<void> => { await sleep(0) }
-const ids = (call: Call): Array<string | number> => call.args.slice(3)
+// key, limit, leaseMs, running requests without a lease, then the ids.
+const ids = (call: Call): Array<string | number> => call.args.slice(4)
 
 t.test('a waiter is admitted with the lease Redis grants; a script Redis lost is loaded again', async (t) => {
   const { redis, limiter } = setup()
@@ -101,7 +102,7 @@ t.test('a waiter is admitted with the lease Redis grants; a script Redis lost is
   await tick()
   const first = redis.next()
   t.equal(first.command, 'evalsha')
-  t.same(first.args.slice(0, 3), ['fastify-concurrency-limit:p', 2, 10_000])
+  t.same(first.args.slice(0, 4), ['fastify-concurrency-limit:p', 2, 10_000, 0])
   t.equal(ids(first).length, 1)
   first.reject(new Error('NOSCRIPT No matching script'))
   await tick()
@@ -163,7 +164,7 @@ t.test('waiters that arrive while Redis answers are asked for together; the queu
   third.resolve([1, 3])
   await tick()
   const surplus = redis.next()
-  t.same(surplus.args.slice(1), ['fastify-concurrency-limit:p:freed', ids(third)[0]])
+  t.equal(surplus.args.length, 3, 'one lease goes back (leases are interchangeable: the oldest)')
   surplus.resolve(1)
   t.match(limiter.stats(), { abandoned: 1, inFlight: 1, store: { leases: 1 } })
   limiter.enqueue(e)
@@ -271,12 +272,45 @@ t.test("'local' and 'allow' admit without a lease while Redis fails; a lease is 
   await tick()
   t.equal(b.outcome, 'admitted', 'the freed slot goes to the next waiter, without a lease')
   t.equal(redis.calls.length, 0, 'no lease given back')
+  // Redis is back: the request admitted without a lease gets one, whatever
+  // the count, so that the other instances see it.
+  await waitFor(() => redis.calls.length > 0, 2000, 'the probe')
+  const probe = redis.next()
+  t.same(probe.args.slice(3), [0])
+  probe.resolve([0, 1])
+  await tick()
+  const backfill = redis.next()
+  t.equal(backfill.args[3], 1)
+  t.equal(ids(backfill).length, 1)
+  backfill.resolve([0, 2])
+  await tick()
+  t.match(limiter.stats().store, { leases: 2, available: true, fleetInFlight: 2 })
   limiter.release()
+  const first = redis.next()
+  t.equal(first.args.length, 3, 'one lease back per request that ends')
+  first.resolve(1)
   limiter.release()
-  const release = redis.next()
-  t.equal(release.args.length, 3, 'the last lease goes back once no request needs it')
-  release.resolve(1)
+  redis.next().resolve(1)
   t.match(limiter.stats().store, { leases: 0, unleased: 2 })
+
+  // The requests without a lease ended while Redis answered: their new leases go back at once.
+  const again = setup({ onStoreError: 'allow', timeout: 20 }, { maxConcurrency: 2, maxQueue: 5, queueTimeout: 60_000 })
+  const w = new TestWaiter()
+  again.limiter.enqueue(w)
+  await tick()
+  again.redis.next().reject(new Error('connection lost'))
+  await tick()
+  t.equal(w.outcome, 'admitted')
+  await waitFor(() => again.redis.calls.length > 0, 2000, 'the probe')
+  again.redis.next().resolve([0, 0])
+  await tick()
+  const late = again.redis.next()
+  t.equal(late.args[3], 1)
+  again.limiter.release()
+  t.equal(again.redis.calls.length, 0)
+  late.resolve([0, 1])
+  await tick()
+  t.same(again.redis.next().args.slice(2), ids(late), 'given back')
 
   const allow = setup({ onStoreError: 'allow', timeout: 20 }, { maxConcurrency: 2, maxQueue: 5, queueTimeout: 60_000 })
   const waiters = [new TestWaiter(), new TestWaiter(), new TestWaiter()]

@@ -37,16 +37,21 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 `
 
 /**
- * KEYS[1] leases; ARGV[1] the limit, ARGV[2] leaseMs, ARGV[3..] new lease ids.
- * Purges expired leases, then adds as many of the new ids as the limit has
- * room for, in order. Returns { ids added, leases out now }.
+ * KEYS[1] leases; ARGV[1] the limit, ARGV[2] leaseMs, ARGV[3] how many of
+ * the ids are for requests already running, ARGV[4..] new lease ids.
+ * Purges expired leases; adds the ids of running requests whatever the count
+ * (requests admitted while Redis was unavailable: they hold a permit, the
+ * other instances must see it); then as many of the other ids as the limit
+ * has room for, in order. Returns { other ids added, leases out now }.
  */
 const ACQUIRE = script(NOW + `redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local lease = tonumber(ARGV[2])
+local running = tonumber(ARGV[3])
+for i = 4, 3 + running do redis.call('ZADD', KEYS[1], now + lease, ARGV[i]) end
 local count = redis.call('ZCARD', KEYS[1])
 local free = tonumber(ARGV[1]) - count
-local lease = tonumber(ARGV[2])
 local added = 0
-for i = 3, #ARGV do
+for i = 4 + running, #ARGV do
   if added >= free then break end
   redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
   added = added + 1
@@ -151,7 +156,8 @@ export class RedisPermits implements PermitSource {
 
   /** Lease ids held for admitted requests. */
   readonly #held: string[] = []
-  /** Waiters asked for in the call out now (0: no call out). */
+  /** An acquiring call is out; `asking`: for how many waiters. */
+  #calling = false
   #asking = 0
   #askAgain = false
   #wakeScheduled = false
@@ -213,16 +219,19 @@ export class RedisPermits implements PermitSource {
   }
 
   released (): void {
-    const limiter = this.#limiter
-    const held = this.#held
     // A permit admitted without a lease (Redis was down) goes first: the
     // leases then still count every request that holds one.
-    if (held.length > limiter.inFlight) {
-      const id = held.pop() as string
-      this.#call(RELEASE, [this.#channel, id]).then(noop, this.#failed)
-    }
+    this.#trim()
     // The freed local slot may let a waiter in that the fleet has room for.
-    if (limiter.queued > 0) this.#pump()
+    if (this.#limiter.queued > 0) this.#pump()
+  }
+
+  /** Gives back the leases no running request needs, the oldest first (ids turn over). */
+  #trim (): void {
+    const surplus = this.#held.length - this.#limiter.inFlight
+    if (surplus <= 0) return
+    const ids = this.#held.splice(0, surplus)
+    this.#call(RELEASE, [this.#channel, ...ids]).then(noop, this.#failed)
   }
 
   close (): void {
@@ -248,42 +257,42 @@ export class RedisPermits implements PermitSource {
 
   /** Asks Redis for permits for the waiters not asked for yet. */
   #pump (): void {
-    if (this.#asking > 0) {
+    if (this.#calling) {
       this.#askAgain = true
       return
     }
     const limiter = this.#limiter
     const wanted = Math.min(limiter.queued, limiter.limit - limiter.inFlight)
-    if (wanted <= 0) return
+    // Requests admitted without a lease while Redis was unavailable.
+    const running = this.#available ? limiter.inFlight - this.#held.length : 0
+    if (wanted <= 0 && running <= 0) return
     if (!this.#available) {
       this.#fallback()
       return
     }
     const ids: string[] = []
-    for (let i = 0; i < wanted; i++) ids.push(this.#idPrefix + (this.#nextId++).toString(36))
+    for (let i = 0; i < running + wanted; i++) ids.push(this.#idPrefix + (this.#nextId++).toString(36))
+    this.#calling = true
     this.#asking = wanted
     this.#askAgain = false
-    this.#call(ACQUIRE, [limiter.maxConcurrency, this.#settings.leaseMs, ...ids], (late) => {
+    this.#call(ACQUIRE, [limiter.maxConcurrency, this.#settings.leaseMs, running, ...ids], (late) => {
       // The call timed out but went through: give back what it took.
-      const added = (late as [number, number])[0]
+      const added = running + (late as [number, number])[0]
       if (added > 0) this.#call(RELEASE, [this.#channel, ...ids.slice(0, added)]).then(noop, noop)
     }).then((reply) => {
       const [added, inFlight] = reply as [number, number]
+      this.#calling = false
       this.#asking = 0
       this.#fleetInFlight = inFlight
       this.#full = added < wanted
-      let surplus: string[] | null = null
-      for (let i = 0; i < added; i++) {
-        // Waiters may have left (timed out, client gone) while Redis answered.
-        if (limiter.grant()) {
-          this.#held.push(ids[i])
-        } else {
-          surplus = ids.slice(i, added)
-          break
-        }
-      }
+      for (let i = 0; i < running + added; i++) this.#held.push(ids[i])
+      // Waiters may have left (timed out, client gone) while Redis answered.
+      let granted = 0
+      while (granted < added && limiter.grant()) granted++
+      // Leases nobody needs now: those of waiters that left, and of running
+      // requests that ended while Redis answered.
+      this.#trim()
       if (this.#held.length > 0 && this.#renewTimer === null) this.#startRenewing()
-      if (surplus !== null) this.#call(RELEASE, [this.#channel, ...surplus]).then(noop, this.#failed)
       if (limiter.queued > 0) {
         if (this.#askAgain || !this.#full) {
           this.#pump()
@@ -294,6 +303,7 @@ export class RedisPermits implements PermitSource {
         }
       }
     }, (err: unknown) => {
+      this.#calling = false
       this.#asking = 0
       this.#failed(err)
       this.#fallback()
@@ -322,7 +332,7 @@ export class RedisPermits implements PermitSource {
   /** While Redis is unavailable, asks it every poll interval whether it is back. */
   #probe (): void {
     const timer = setTimeout(() => {
-      this.#call(ACQUIRE, [this.#limiter.maxConcurrency, this.#settings.leaseMs]).then((reply) => {
+      this.#call(ACQUIRE, [this.#limiter.maxConcurrency, this.#settings.leaseMs, 0]).then((reply) => {
         this.#fleetInFlight = (reply as [number, number])[1]
         this.#available = true
         this.#full = false
