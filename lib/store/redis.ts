@@ -164,6 +164,7 @@ export class RedisPermits implements PermitSource {
   /** The last answer found no free permit: wait for one to be announced. */
   #full = false
   #available = true
+  #settleUntil = 0
   #pollTimer: NodeJS.Timeout | null = null
   #renewTimer: NodeJS.Timeout | null = null
 
@@ -262,12 +263,20 @@ export class RedisPermits implements PermitSource {
       return
     }
     const limiter = this.#limiter
-    const wanted = Math.min(limiter.queued, limiter.limit - limiter.inFlight)
-    // Requests admitted without a lease while Redis was unavailable.
-    const running = this.#available ? limiter.inFlight - this.#held.length : 0
-    if (wanted <= 0 && running <= 0) return
     if (!this.#available) {
       this.#fallback()
+      return
+    }
+    // Requests admitted without a lease while Redis was unavailable.
+    const running = limiter.inFlight - this.#held.length
+    // Just back: the other instances put their running requests back first.
+    const settling = this.#settleUntil > performance.now()
+    const wanted = settling ? 0 : Math.min(limiter.queued, limiter.limit - limiter.inFlight)
+    if (wanted <= 0 && running <= 0) {
+      if (settling && limiter.queued > 0) {
+        this.#fallback()
+        this.#poll()
+      }
       return
     }
     const ids: string[] = []
@@ -335,6 +344,11 @@ export class RedisPermits implements PermitSource {
       this.#call(ACQUIRE, [this.#limiter.maxConcurrency, this.#settings.leaseMs, 0]).then((reply) => {
         this.#fleetInFlight = (reply as [number, number])[1]
         this.#available = true
+        // Each instance finds Redis back at its own probe, within a poll
+        // interval of the others: until they all have put back the leases of
+        // the requests they admitted without one, new permits would be
+        // counted against a fleet that looks emptier than it is.
+        if (this.#settings.onStoreError !== 'refuse') this.#settleUntil = performance.now() + this.#pollMs
         this.#full = false
         this.#pump()
       }, () => {
