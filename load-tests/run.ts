@@ -8,6 +8,7 @@
 //   retry-storm closed loop that retries every refusal at once: bare vs the plugin's mechanisms
 //   backlog     5,000 new connections against listen backlogs of 511 and 4096 (nstat counters)
 //   memory      live memory per connection: idle, queued, refusal held back
+//   fleet       three instances sharing a group through Redis (needs redis-server): kill -9, Redis restart
 //   all         every scenario above but bench, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
@@ -17,6 +18,7 @@ import { bench } from './scenarios/bench.js'
 import { ci } from './scenarios/ci.js'
 import { deadlock } from './scenarios/deadlock.js'
 import { explosion } from './scenarios/explosion.js'
+import { fleet } from './scenarios/fleet.js'
 import { goodput } from './scenarios/goodput.js'
 import { memory } from './scenarios/memory.js'
 import { rejectCost } from './scenarios/reject-cost.js'
@@ -53,6 +55,9 @@ switch (scenario) {
   case 'memory':
     save(await memory())
     break
+  case 'fleet':
+    save(await fleet())
+    break
   case 'all':
     save(await explosion())
     save(await goodput())
@@ -71,6 +76,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, fleet, all, report or ci`)
     process.exitCode = 2
 }
