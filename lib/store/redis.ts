@@ -221,18 +221,24 @@ export class RedisPermits implements PermitSource {
 
   released (): void {
     // A permit admitted without a lease (Redis was down) goes first: the
-    // leases then still count every request that holds one.
-    this.#trim()
-    // The freed local slot may let a waiter in that the fleet has room for.
+    // leases then still count every request that holds one. A lease given
+    // back is announced to every instance at once, this one included: its
+    // own waiters ask then, with no head start on the others'.
+    if (this.#trim() && this.#available) return
+    // A local slot freed without a permit, or Redis is down: a waiter may fit now.
     if (this.#limiter.queued > 0) this.#pump()
   }
 
-  /** Gives back the leases no running request needs, the oldest first (ids turn over). */
-  #trim (): void {
+  /**
+   * Gives back the leases no running request needs, the oldest first (ids
+   * turn over). True if it gave any back.
+   */
+  #trim (): boolean {
     const surplus = this.#held.length - this.#limiter.inFlight
-    if (surplus <= 0) return
+    if (surplus <= 0) return false
     const ids = this.#held.splice(0, surplus)
     this.#call(RELEASE, [this.#channel, ...ids]).then(noop, this.#failed)
+    return true
   }
 
   close (): void {
@@ -336,6 +342,8 @@ export class RedisPermits implements PermitSource {
     if (!this.#available) return
     this.#available = false
     this.#probe()
+    // Waiters get what onStoreError says now, not at their timeout.
+    if (this.#limiter.queued > 0) this.#pump()
   }
 
   /** While Redis is unavailable, asks it every poll interval whether it is back. */
