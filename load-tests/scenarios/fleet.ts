@@ -238,11 +238,13 @@ export async function fleet (): Promise<ScenarioResult> {
     let killedLeases = 0
     let freedAfterMs = -1
     const watch = async (): Promise<void> => {
+      // The instance that holds the most permits now.
+      const leases = await Promise.all(instances.map(async (i) => (await i.ask<{ pool: PoolStats }>('stats')).pool.store?.leases ?? 0))
+      const victim = instances[leases.indexOf(Math.max(...leases))]
       const held = new Set(await redis.zrange('fastify-concurrency-limit:renders', 0, -1))
-      const victim = instances[0]
       await victim.stop('SIGKILL')
       const killedAt = performance.now()
-      live = instances.slice(1).map((i) => i.origin)
+      live = instances.filter((i) => i !== victim).map((i) => i.origin)
       // Leases held at the kill that other instances release within a
       // service time; what is left after that is the dead instance's.
       await sleep(SERVICE_MS * 3)
