@@ -48,3 +48,9 @@ export const ClosingError = createError(
   'The server is shutting down, retry on another instance',
   503
 )
+
+export const StoreUnavailableError = createError(
+  'FST_CONCURRENCY_LIMIT_STORE_UNAVAILABLE',
+  'The shared concurrency limit is unavailable, retry later',
+  503
+)

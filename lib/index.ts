@@ -35,6 +35,7 @@ export {
   OverloadedError,
   QueueFullError,
   QueueTimeoutError,
+  StoreUnavailableError,
   UnknownPoolError
 } from './errors.js'
 export type { RejectReason } from './limiter.js'
@@ -54,6 +55,8 @@ export type {
   RouteConcurrencyLimitConfig,
   RouteConcurrencyLimitSetting
 } from './options.js'
+export type { OnStoreError, RedisClient, RedisSubscriber, StoreOptions } from './store/options.js'
+export type { StoreStats } from './store/redis.js'
 
 /** Counters and settings of one pool. */
 export type PoolStats = LimiterStats

@@ -3,6 +3,8 @@ import type { AdaptiveState, Limit } from './limits/limit.js'
 import { FixedLimit } from './limits/fixed.js'
 import { GradientLimit } from './limits/gradient.js'
 import { LoopTurn } from './loop-turn.js'
+import type { StoreSettings } from './store/options.js'
+import type { StoreStats } from './store/redis.js'
 
 export type RejectReason = 'queueFull' | 'queueTimeout' | 'closing' | 'overloaded'
 
@@ -35,6 +37,26 @@ export interface Waiter {
   admit (): boolean
   /** The waiter leaves the queue without a slot. */
   reject (reason: RejectReason): void
+  /** The waiter leaves the queue because the pool's shared store failed (lib/store/). */
+  unavailable? (): void
+}
+
+/**
+ * Where a pool whose limit is shared beyond this process gets its permits
+ * (lib/store/). Such a pool admits nobody by itself: every request waits in
+ * the local queue, and the source hands the permits it obtains to the queue's
+ * head through `grant()`.
+ */
+export interface PermitSource {
+  /** A waiter joined the queue. */
+  wake (): void
+  /** A permit of the pool came back (`inFlight` is already one lower). */
+  released (): void
+  /** Queued waiters that the source may admit at once, beyond which `maxQueue` counts. */
+  headroom (): number
+  /** The pool is closing: its waiters are gone, its permits out stay valid. */
+  close (): void
+  stats (): StoreStats
 }
 
 /** The settings of an adaptive limit, filled in (see options.ts). */
@@ -55,6 +77,8 @@ export interface LimiterSettings {
   maxEventLoopDelay?: number
   /** null or unset: the limit is maxConcurrency. */
   adaptive?: AdaptiveSettings | null
+  /** null or unset: the limit is this process's own. */
+  store?: StoreSettings | null
 }
 
 /** How a permit ended, as the caller of `release` saw it. */
@@ -88,6 +112,8 @@ export interface LimiterStats {
   /** Refused requests now waiting out `rejectDelay` before they are answered. */
   heldRejections: number
   queueWait: { count: number, meanMs: number, maxMs: number }
+  /** The shared store's state, for a pool with a `store`; else null. */
+  store: StoreStats | null
 }
 
 // Completions are counted in windows of at least this long: long enough to
@@ -126,6 +152,7 @@ export class Limiter {
   /** The turn a request arrives in, and how long it may have run; null: no bound. */
   readonly #turn: LoopTurn | null
   readonly #maxLoopDelay: number
+  readonly #source: PermitSource | null
 
   inFlight = 0
   queued = 0
@@ -165,7 +192,7 @@ export class Limiter {
   #windowRate = 0
 
   /** Pools of one server share `turn`: there is one event loop. */
-  constructor (name: string, settings: LimiterSettings, turn?: LoopTurn) {
+  constructor (name: string, settings: LimiterSettings, turn?: LoopTurn, source: ((limiter: Limiter) => PermitSource) | null = null) {
     this.name = name
     this.#maxLoopDelay = settings.maxEventLoopDelay ?? 0
     this.#turn = this.#maxLoopDelay > 0 ? turn ?? new LoopTurn() : null
@@ -180,11 +207,12 @@ export class Limiter {
     this.#queueFollowsLimit = settings.maxQueue === null
     this.maxQueue = settings.maxQueue ?? this.limit
     this.#windowStart = performance.now()
+    this.#source = source === null ? null : source(this)
   }
 
   /** Takes a slot if one is free. The caller must `release()` it exactly once. */
   tryAcquire (level: Level = NORMAL): boolean {
-    if (this.inFlight >= this.limit || this.queued > 0) return false
+    if (this.inFlight >= this.limit || this.queued > 0 || this.#source !== null) return false
     const inFlight = ++this.inFlight
     this.#admitted++
     this.#admittedBy[level]++
@@ -221,12 +249,17 @@ export class Limiter {
       this.#rejectedBy[level]++
       return 'closing'
     }
-    if (this.queued >= this.maxQueue && this.#lowestBelow(level) === -1) {
+    if (this.#queueFull() && this.#lowestBelow(level) === -1) {
       this.#rejectedQueueFull++
       this.#rejectedBy[level]++
       return 'queueFull'
     }
     return null
+  }
+
+  /** No place left in the queue (beyond the waiters a shared store may admit at once). */
+  #queueFull (): boolean {
+    return this.queued - (this.#source === null ? 0 : this.#source.headroom()) >= this.maxQueue
   }
 
   /** The least important class below `level` that has waiters, or -1. */
@@ -243,10 +276,10 @@ export class Limiter {
     const level = waiter.level
     const reason = this.#full(level)
     if (reason !== null) return reason
-    if (this.queued >= this.maxQueue) {
+    const lowest = this.#queueFull() ? this.#lowestBelow(level) : -1
+    if (lowest !== -1) {
       // The newest waiter of the least important class gives up its place:
       // it has waited least, and its class is refused first.
-      const lowest = this.#lowestBelow(level)
       const evicted = this.#tails[lowest] as Waiter
       this.#unlink(evicted)
       this.#rejectedQueueFull++
@@ -268,6 +301,7 @@ export class Limiter {
     // One timeout for all: the newest waiter has the latest deadline, so one
     // timer per pool, armed for the nearest one, serves every waiter.
     if (this.#timer === null) this.#arm(waiter.deadline, now)
+    this.#source?.wake()
     return null
   }
 
@@ -295,6 +329,11 @@ export class Limiter {
     this.#completed++
     this.#countCompletion()
     if (this.adaptive && outcome !== IGNORE) this.#sample(admittedAt, outcome === DROP)
+    if (this.#source !== null) {
+      this.inFlight--
+      this.#source.released()
+      return
+    }
     if (this.queued === 0) {
       this.inFlight--
       return
@@ -334,9 +373,63 @@ export class Limiter {
     }
   }
 
+  /**
+   * With a shared limit: gives a permit that the source obtained to the
+   * oldest live waiter. False if no waiter is left to take it.
+   */
+  grant (): boolean {
+    let waiter = this.#first()
+    while (waiter !== null) {
+      this.#unlink(waiter)
+      this.inFlight++
+      if (waiter.admit()) {
+        this.#admitted++
+        this.#admittedBy[waiter.level]++
+        const waited = performance.now() - waiter.enqueuedAt
+        this.#waitCount++
+        this.#waitTotal += waited
+        if (waited > this.#waitMax) this.#waitMax = waited
+        if (this.onWait !== null) this.onWait(waited)
+        if (this.inFlight > this.#peakInFlight) this.#peakInFlight = this.inFlight
+        return true
+      }
+      this.inFlight--
+      this.#abandoned++
+      waiter = this.#first()
+    }
+    return false
+  }
+
+  /**
+   * With a shared limit: refuses the newest waiters beyond `maxQueue` once
+   * the source found no permit for them.
+   */
+  trimQueue (): void {
+    while (this.queued > this.maxQueue) {
+      // The newest of the least important class waiting goes first.
+      const waiter = (this.#tails[SHEDDABLE] ?? this.#tails[NORMAL] ?? this.#tails[CRITICAL]) as Waiter
+      this.#unlink(waiter)
+      this.#rejectedQueueFull++
+      this.#rejectedBy[waiter.level]++
+      waiter.reject('queueFull')
+    }
+  }
+
+  /** With a shared limit whose store failed: refuses every waiter. */
+  refuseWaiters (): void {
+    let waiter = this.#first()
+    while (waiter !== null) {
+      this.#unlink(waiter)
+      this.#rejectedBy[waiter.level]++
+      ;(waiter.unavailable as () => void).call(waiter)
+      waiter = this.#first()
+    }
+  }
+
   /** Refuses every waiter and every future one; permits already out stay valid. */
   close (): void {
     this.closing = true
+    this.#source?.close()
     this.#disarm()
     let waiter = this.#first()
     while (waiter !== null) {
@@ -416,7 +509,8 @@ export class Limiter {
         count: this.#waitCount,
         meanMs: this.#waitCount === 0 ? 0 : this.#waitTotal / this.#waitCount,
         maxMs: this.#waitMax
-      }
+      },
+      store: this.#source === null ? null : this.#source.stats()
     }
   }
 

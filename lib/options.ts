@@ -2,6 +2,7 @@ import { STATUS_CODES } from 'node:http'
 import type { FastifyRequest, RouteOptions } from 'fastify'
 import { InvalidOptionError } from './errors.js'
 import type { AdaptiveSettings, LimiterSettings, RejectReason } from './limiter.js'
+import { checkStore, sameStore, type StoreOptions, type StoreSettings } from './store/options.js'
 
 /** The lifecycle stage at which a request asks for a slot. */
 export type HookName = 'onRequest' | 'preParsing' | 'preValidation' | 'preHandler'
@@ -85,6 +86,12 @@ export interface PoolOptions {
    * routes of several classes share one pool.
    */
   priority?: PriorityOption
+  /**
+   * Share maxConcurrency with every instance whose pool of the same name
+   * uses the same Redis and nameSpace (see "Fleet-wide limits" in the README).
+   * The queue stays each instance's own. Not with `adaptive`.
+   */
+  store?: StoreOptions
 }
 
 /** A priority class, most important first. */
@@ -196,6 +203,7 @@ export type RouteConcurrencyLimitSetting =
   | WithKey<'maxEventLoopDelay'>
   | WithKey<'priority'>
   | WithKey<'adaptive'>
+  | WithKey<'store'>
   | WithKey<'group'>
   | WithKey<'hook'>
 
@@ -251,7 +259,7 @@ const PLAUSIBLE_MS = 100
 const MIN_LOOP_DELAY = 10
 
 const HOOKS: readonly HookName[] = ['onRequest', 'preParsing', 'preValidation', 'preHandler']
-const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout', 'maxEventLoopDelay', 'adaptive'] as const
+const POOL_KEYS = ['maxConcurrency', 'maxQueue', 'queueTimeout', 'maxEventLoopDelay', 'adaptive', 'store'] as const
 const ADAPTIVE_KEYS = new Set<string>(['minConcurrency', 'initialConcurrency', 'tolerance', 'baselineInterval'])
 const PLUGIN_KEYS = new Set<string>([...POOL_KEYS, 'priority', 'global', 'hook', 'exempt', 'statusCode', 'retryAfter', 'errorResponseBuilder', 'groups', 'rejectDelay', 'maxHeldRejections', 'closeOnReject', 'maxConnections', 'metrics', 'serverTiming', 'logRefusals'])
 const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace']
@@ -369,6 +377,7 @@ function checkPool (where: string, value: Record<string, unknown>, warnings: str
       fail(where, 'adaptive.minConcurrency', `<= maxConcurrency (${pool.maxConcurrency}), the ceiling of the limit`, min)
     }
   }
+  if (value.store !== undefined) pool.store = checkStore(where, value.store)
   return pool
 }
 
@@ -551,6 +560,11 @@ export function resolveRouteConfig (route: string, config: unknown, global: bool
 export function poolSettings (own: PoolOptions, plugin: PoolOptions): LimiterSettings {
   const given = own.adaptive ?? plugin.adaptive ?? false
   const adaptive = given === false ? null : { ...DEFAULT_ADAPTIVE, ...given as AdaptiveOptions }
+  // Checked by checkPool: the settings, filled in.
+  const store = (own.store ?? plugin.store ?? null) as StoreSettings | null
+  if (store !== null && adaptive !== null) {
+    throw new InvalidOptionError('store shares a fixed maxConcurrency between instances: it does not work with adaptive; set adaptive: false on the pool')
+  }
   const maxConcurrency = own.maxConcurrency ?? plugin.maxConcurrency ??
     (adaptive === null ? DEFAULT_MAX_CONCURRENCY : DEFAULT_ADAPTIVE_MAX_CONCURRENCY)
   if (adaptive !== null) {
@@ -569,13 +583,14 @@ export function poolSettings (own: PoolOptions, plugin: PoolOptions): LimiterSet
     maxQueue: own.maxQueue ?? plugin.maxQueue ?? (adaptive === null ? maxConcurrency : null),
     queueTimeout: own.queueTimeout ?? plugin.queueTimeout ?? DEFAULT_QUEUE_TIMEOUT,
     maxEventLoopDelay: own.maxEventLoopDelay ?? plugin.maxEventLoopDelay ?? 0,
-    adaptive
+    adaptive,
+    ...(store === null ? {} : { store })
   }
 }
 
 export function samePool (a: LimiterSettings, b: LimiterSettings): boolean {
   return a.maxConcurrency === b.maxConcurrency && a.maxQueue === b.maxQueue && a.queueTimeout === b.queueTimeout &&
-    a.maxEventLoopDelay === b.maxEventLoopDelay && sameAdaptive(a.adaptive ?? null, b.adaptive ?? null)
+    a.maxEventLoopDelay === b.maxEventLoopDelay && sameAdaptive(a.adaptive ?? null, b.adaptive ?? null) && sameStore(a.store ?? null, b.store ?? null)
 }
 
 function sameAdaptive (a: AdaptiveSettings | null, b: AdaptiveSettings | null): boolean {

@@ -2,6 +2,7 @@ import { InvalidOptionError, UnknownPoolError } from './errors.js'
 import { Limiter, type LimiterStats } from './limiter.js'
 import { LoopTurn } from './loop-turn.js'
 import { poolSettings, samePool, type PoolOptions, type ResolvedOptions, type ResolvedRouteConfig } from './options.js'
+import { RedisPermits } from './store/redis.js'
 
 export const DEFAULT_POOL = 'default'
 
@@ -83,7 +84,9 @@ export class Pools {
   }
 
   #add (name: string, own: PoolOptions): Limiter {
-    const limiter = new Limiter(name, poolSettings(own, this.#options.pool), this.#turn)
+    const settings = poolSettings(own, this.#options.pool)
+    const { store } = settings
+    const limiter = new Limiter(name, settings, this.#turn, store == null ? null : (pool) => new RedisPermits(pool, store))
     this.#byName.set(name, limiter)
     return limiter
   }

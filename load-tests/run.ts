@@ -12,6 +12,7 @@
 //   cpu         a CPU-bound route: maxEventLoopDelay against bare Fastify and under-pressure
 //   priority    priority classes at 10x overload, with and without them
 //   adaptive    an adaptive limit against a downstream whose capacity changes
+//   fleet       three instances sharing a group through Redis (needs redis-server): kill -9, Redis restart
 //   all         every scenario above but bench, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
@@ -23,6 +24,7 @@ import { ci } from './scenarios/ci.js'
 import { cpu } from './scenarios/cpu.js'
 import { deadlock } from './scenarios/deadlock.js'
 import { explosion } from './scenarios/explosion.js'
+import { fleet } from './scenarios/fleet.js'
 import { goodput } from './scenarios/goodput.js'
 import { memory } from './scenarios/memory.js'
 import { pooledClient } from './scenarios/pooled-client.js'
@@ -73,6 +75,9 @@ switch (scenario) {
   case 'adaptive':
     save(await adaptive())
     break
+  case 'fleet':
+    save(await fleet())
+    break
   case 'all':
     save(await explosion())
     save(await goodput())
@@ -95,6 +100,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, priority, adaptive, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, priority, adaptive, fleet, all, report or ci`)
     process.exitCode = 2
 }

@@ -46,7 +46,7 @@ const invalid: Array<[string, unknown, RegExp]> = [
   ['retryAfter Infinity', { retryAfter: Infinity }, /retryAfter must be .*, received Infinity$/],
   ['retryAfter string', { retryAfter: '5' }, /retryAfter must be .*, received "5"$/],
   ['errorResponseBuilder object', { errorResponseBuilder: {} }, /errorResponseBuilder must be a function, received \{\}$/],
-  ['unknown key', { maxConcurency: 10 }, /maxConcurency is not an option \(expected one of maxConcurrency, maxQueue, queueTimeout, maxEventLoopDelay, adaptive, priority, global, hook, exempt, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject, maxConnections, metrics, serverTiming, logRefusals\)$/],
+  ['unknown key', { maxConcurency: 10 }, /maxConcurency is not an option \(expected one of maxConcurrency, maxQueue, queueTimeout, maxEventLoopDelay, adaptive, store, priority, global, hook, exempt, statusCode, retryAfter, errorResponseBuilder, groups, rejectDelay, maxHeldRejections, closeOnReject, maxConnections, metrics, serverTiming, logRefusals\)$/],
   ['rejectDelay negative', { rejectDelay: -1 }, /rejectDelay must be an integer number of milliseconds from 0 to 2147483647, received -1$/],
   ['rejectDelay in seconds, a fraction', { rejectDelay: 0.25 }, /rejectDelay must be an integer number of milliseconds from 0 to 2147483647, received 0.25$/],
   ['rejectDelay too long', { rejectDelay: 2 ** 31 }, /rejectDelay must be .*, received 2147483648$/],
@@ -61,7 +61,7 @@ const invalid: Array<[string, unknown, RegExp]> = [
   ['group not object', { groups: { a: 5 } }, /groups.a must be an object, received 5$/],
   ['group bad value', { groups: { a: { maxConcurrency: 0 } } }, /groups.a.maxConcurrency must be an integer >= 1, received 0$/],
   ['group queueTimeout fraction', { groups: { a: { queueTimeout: 2.5 } } }, /groups.a.queueTimeout must be an integer number of milliseconds from 0 to 2147483647, received 2.5$/],
-  ['group unknown key', { groups: { a: { hook: 'onRequest' } } }, /groups.a.hook is not an option \(expected one of maxConcurrency, maxQueue, queueTimeout, maxEventLoopDelay, adaptive, priority\)$/],
+  ['group unknown key', { groups: { a: { hook: 'onRequest' } } }, /groups.a.hook is not an option \(expected one of maxConcurrency, maxQueue, queueTimeout, maxEventLoopDelay, adaptive, store, priority\)$/],
   ['group named default', { groups: { default: { maxConcurrency: 1 } } }, /groups.default is the plugin's own pool: set its options at the top level$/]
 ]
 
@@ -103,7 +103,7 @@ const invalidRoute: Array<[string, unknown, RegExp]> = [
   ['group empty', { group: '' }, /config.concurrencyLimit.group must be a non-empty string, received ""$/],
   ['group number', { group: 1 }, /config.concurrencyLimit.group must be a non-empty string, received 1$/],
   ['hook unknown', { hook: 'onResponse' }, /config.concurrencyLimit.hook must be one of .*, received "onResponse"$/],
-  ['unknown key', { limit: 3 }, /route GET \/r: config.concurrencyLimit.limit is not an option \(expected one of maxConcurrency, maxQueue, queueTimeout, maxEventLoopDelay, adaptive, priority, group, hook\)$/]
+  ['unknown key', { limit: 3 }, /route GET \/r: config.concurrencyLimit.limit is not an option \(expected one of maxConcurrency, maxQueue, queueTimeout, maxEventLoopDelay, adaptive, store, priority, group, hook\)$/]
 ]
 
 for (const [name, config, message] of invalidRoute) {

@@ -1,0 +1,330 @@
+import t, { type Test } from 'tap'
+import { performance } from 'node:perf_hooks'
+import Fastify, { type FastifyInstance } from 'fastify'
+import type { Redis } from 'ioredis'
+import concurrencyLimit, { type StoreOptions } from '../lib/index.js'
+import { abortAfter, client, get, listen, sleep, waitFor } from './helpers/server.js'
+import { RedisServer } from './helpers/redis.js'
+
+// Every test here runs against a redis-server of its own (see helpers/redis.ts).
+t.setTimeout(120_000)
+
+/** What the handlers of every app in one test share: how many run now and at most. */
+class Downstream {
+  current = 0
+  peak = 0
+  calls = 0
+  async call (ms: number): Promise<void> {
+    this.calls++
+    if (++this.current > this.peak) this.peak = this.current
+    try {
+      await sleep(ms)
+    } finally {
+      this.current--
+    }
+  }
+}
+
+interface Instance {
+  app: FastifyInstance
+  origin: string
+}
+
+async function instance (t: Test, store: StoreOptions, pool: { maxConcurrency: number, maxQueue?: number, queueTimeout?: number },
+  routes: (app: FastifyInstance) => void): Promise<Instance> {
+  const app = Fastify({ forceCloseConnections: true })
+  await app.register(concurrencyLimit, { global: false, rejectDelay: 0, groups: { renders: { ...pool, store } } })
+  routes(app)
+  t.teardown(() => app.close())
+  return { app, origin: await listen(app) }
+}
+
+const renders = { config: { concurrencyLimit: { group: 'renders' } } }
+
+/**
+ * Leases in Redis, once the releases in flight have arrived: a permit goes
+ * back after the response closed, a round trip after the client saw it.
+ */
+async function leases (redis: Redis, key = 'fastify-concurrency-limit:renders'): Promise<number> {
+  let count = await redis.zcard(key)
+  for (let i = 0; i < 50 && count > 0; i++) {
+    await sleep(20)
+    count = await redis.zcard(key)
+  }
+  return count
+}
+
+t.test('three instances sharing a group never run more than its maxConcurrency at once, and give every lease back', async (t) => {
+  const server = await RedisServer.start(t)
+  const redis = server.client(t)
+  const downstream = new Downstream()
+  const instances: Instance[] = []
+  for (let i = 0; i < 3; i++) {
+    instances.push(await instance(t, { redis: server.client(t) }, { maxConcurrency: 4, maxQueue: 100, queueTimeout: 10_000 }, (app) => {
+      app.get('/render', renders, async () => { await downstream.call(15); return 'ok' })
+    }))
+  }
+  const clients = instances.map(({ origin }) => client(t, origin, 40))
+  const answers = await Promise.all(Array.from({ length: 120 }, (_, i) => get(clients[i % 3], '/render')))
+  t.same(answers.map((a) => a.statusCode), Array(120).fill(200), 'every request served')
+  t.equal(downstream.calls, 120)
+  t.ok(downstream.peak <= 4, `peak at the downstream ${downstream.peak} <= 4`)
+  t.equal(downstream.peak, 4, 'and the limit is used in full')
+  for (const { app } of instances) {
+    const stats = app.concurrencyLimit.stats('renders')
+    t.match(stats, { inFlight: 0, queued: 0, store: { leases: 0, available: true, errors: 0 } })
+    t.equal(stats.completed, stats.admitted)
+  }
+  t.equal(await leases(redis), 0, 'no lease left in Redis')
+})
+
+t.test('a waiter is woken by a permit freed on another instance, without waiting for the poll', async (t) => {
+  const server = await RedisServer.start(t)
+  let release = (): void => {}
+  const held = new Promise<void>((resolve) => { release = resolve })
+  const a = await instance(t, { redis: server.client(t) }, { maxConcurrency: 1 }, (app) => {
+    app.get('/render', renders, async () => { await held; return 'a' })
+  })
+  const b = await instance(t, { redis: server.client(t) }, { maxConcurrency: 1, queueTimeout: 5000 }, (app) => {
+    app.get('/render', renders, async () => 'b')
+  })
+  const first = get(client(t, a.origin), '/render')
+  await waitFor(() => a.app.concurrencyLimit.stats('renders').inFlight === 1)
+  const second = get(client(t, b.origin), '/render')
+  await waitFor(() => b.app.concurrencyLimit.stats('renders').queued === 1)
+  await sleep(400) // past the poll: the permit is still taken
+  t.equal(b.app.concurrencyLimit.stats('renders').queued, 1, 'b waits while a holds the permit')
+  const freed = performance.now()
+  release()
+  t.equal((await first).body, 'a')
+  t.equal((await second).body, 'b')
+  const waited = performance.now() - freed
+  // The poll would take up to 250 ms; the message is a round trip.
+  t.ok(waited < 200, `b admitted ${waited.toFixed(1)} ms after a's release`)
+})
+
+t.test('a lease is renewed while its request runs; an instance that vanished frees its permits within leaseMs', async (t) => {
+  const server = await RedisServer.start(t)
+  const leaseMs = 400
+  let release = (): void => {}
+  const held = new Promise<void>((resolve) => { release = resolve })
+  t.teardown(release)
+  const aRedis = server.client(t)
+  const a = await instance(t, { redis: aRedis, leaseMs }, { maxConcurrency: 1 }, (app) => {
+    app.get('/render', renders, async () => { await held; return 'a' })
+  })
+  const b = await instance(t, { redis: server.client(t), leaseMs }, { maxConcurrency: 1, maxQueue: 0 }, (app) => {
+    app.get('/render', renders, async () => 'b')
+  })
+  const bClient = client(t, b.origin)
+  get(client(t, a.origin), '/render').catch(() => {})
+  await waitFor(() => a.app.concurrencyLimit.stats('renders').inFlight === 1)
+  // Three lease lengths later the permit is still a's: renewed, not expired.
+  for (let i = 0; i < 3; i++) {
+    await sleep(leaseMs)
+    const refused = await get(bClient, '/render')
+    t.equal(refused.statusCode, 503, `after ${(i + 1) * leaseMs} ms the permit is still held`)
+    t.equal(JSON.parse(refused.body).code, 'FST_CONCURRENCY_LIMIT_QUEUE_FULL')
+  }
+  // a vanishes: it can neither renew nor release.
+  aRedis.disconnect()
+  const gone = performance.now()
+  let freedAfter = -1
+  while (performance.now() - gone < leaseMs * 4) {
+    if ((await get(bClient, '/render')).statusCode === 200) {
+      freedAfter = performance.now() - gone
+      break
+    }
+    await sleep(20)
+  }
+  t.ok(freedAfter >= 0, 'the permit came free')
+  // Renewed at most leaseMs / 3 before it vanished, so not free before 2/3 of leaseMs.
+  t.ok(freedAfter >= leaseMs * 2 / 3 - 20, `not given back by a vanished instance: free after ${freedAfter.toFixed(0)} ms`)
+  t.ok(freedAfter <= leaseMs + 250, `free ${freedAfter.toFixed(0)} ms after a vanished (leaseMs ${leaseMs})`)
+})
+
+t.test('a permit is given back exactly once however the request ends', async (t) => {
+  const server = await RedisServer.start(t)
+  const redis = server.client(t)
+  const downstream = new Downstream()
+  const a = await instance(t, { redis: server.client(t) }, { maxConcurrency: 2, maxQueue: 50, queueTimeout: 5000 }, (app) => {
+    app.get('/render', renders, async () => { await downstream.call(40); return 'ok' })
+  })
+  const url = `${a.origin}/render`
+  // Clients that leave while admitted, while queued, and at once, beside ones that stay.
+  const ends = []
+  for (let i = 0; i < 30; i++) {
+    ends.push(i % 3 === 0 ? get(client(t, a.origin, 1), '/render') : abortAfter(url, { ms: (i % 5) * 15 }))
+  }
+  await Promise.all(ends)
+  const app = a.app
+  await waitFor(() => app.concurrencyLimit.stats('renders').inFlight === 0 && app.concurrencyLimit.stats('renders').queued === 0, 5000)
+  await sleep(50)
+  const stats = app.concurrencyLimit.stats('renders')
+  t.equal(stats.completed, stats.admitted, 'every admission released once')
+  t.ok(downstream.peak <= 2, `peak ${downstream.peak} <= 2`)
+  t.equal(stats.store?.leases, 0, 'no lease held')
+  t.equal(await leases(redis), 0, 'no lease left in Redis')
+  // The pool works on at full size: nothing leaked.
+  const c = client(t, a.origin)
+  const answers = await Promise.all([get(c, '/render'), get(c, '/render')])
+  t.same(answers.map((x) => x.statusCode), [200, 200])
+  t.equal(downstream.peak, 2)
+})
+
+t.test('nameSpace: apps in one Redis share a group only when they mean to', async (t) => {
+  const server = await RedisServer.start(t)
+  const gates: Array<() => void> = []
+  t.teardown(() => { for (const open of gates) open() })
+  const start = async (nameSpace: string | undefined): Promise<Instance> =>
+    await instance(t, { redis: server.client(t), ...(nameSpace === undefined ? {} : { nameSpace }) }, { maxConcurrency: 1, maxQueue: 0 }, (app) => {
+      app.get('/render', renders, async () => { await new Promise<void>((resolve) => gates.push(resolve)); return 'ok' })
+    })
+  const shop = await start('shop:')
+  const blog = await start('blog:')
+  const shop2 = await start('shop:')
+  get(client(t, shop.origin), '/render').catch(() => {})
+  await waitFor(() => shop.app.concurrencyLimit.stats('renders').inFlight === 1)
+  get(client(t, blog.origin), '/render').catch(() => {})
+  await waitFor(() => blog.app.concurrencyLimit.stats('renders').inFlight === 1, 2000, 'the other app to admit its own request')
+  const refused = await get(client(t, shop2.origin), '/render')
+  t.equal(refused.statusCode, 503, 'a second instance of the same app shares the permit')
+  t.equal(shop.app.concurrencyLimit.stats('renders').store?.key, 'shop:renders')
+  t.equal(blog.app.concurrencyLimit.stats('renders').store?.key, 'blog:renders')
+})
+
+t.test("onStoreError 'refuse': Redis down or frozen answers 503 with its own code, and the pool recovers when it is back", async (t) => {
+  const server = await RedisServer.start(t)
+  const a = await instance(t, { redis: server.client(t), timeout: 150 }, { maxConcurrency: 2, queueTimeout: 2000 }, (app) => {
+    app.get('/render', renders, async () => 'ok')
+  })
+  const c = client(t, a.origin)
+  t.equal((await get(c, '/render')).statusCode, 200)
+
+  // Frozen: the connection stays up and nothing answers.
+  server.pause()
+  let begin = performance.now()
+  const frozen = await get(c, '/render')
+  const took = performance.now() - begin
+  t.equal(frozen.statusCode, 503)
+  t.equal(frozen.headers['retry-after'], '1')
+  t.same(JSON.parse(frozen.body), {
+    statusCode: 503,
+    code: 'FST_CONCURRENCY_LIMIT_STORE_UNAVAILABLE',
+    error: 'Service Unavailable',
+    message: 'The shared concurrency limit is unavailable, retry later'
+  })
+  t.ok(took < 1000, `refused after ${took.toFixed(0)} ms (timeout 150 ms)`)
+  // While Redis is known to be down, refusals come at once.
+  begin = performance.now()
+  t.equal((await get(c, '/render')).statusCode, 503)
+  t.ok(performance.now() - begin < 100, 'the next refusal does not wait on Redis')
+  server.unpause()
+  await waitFor(() => a.app.concurrencyLimit.stats('renders').store?.available === true, 3000, 'Redis to be seen again')
+  t.equal((await get(c, '/render')).statusCode, 200, 'served again')
+
+  // Down, then restarted (losing every key).
+  await server.stop()
+  t.equal((await get(c, '/render')).statusCode, 503)
+  await server.resume()
+  begin = performance.now()
+  let back = false
+  while (!back && performance.now() - begin < 5000) {
+    back = (await get(c, '/render')).statusCode === 200
+    if (!back) await sleep(50)
+  }
+  t.ok(back, `served again ${(performance.now() - begin).toFixed(0)} ms after the restart`)
+  const stats = a.app.concurrencyLimit.stats('renders')
+  t.ok((stats.store?.refused ?? 0) >= 3, 'refusals counted')
+  t.ok((stats.store?.errors ?? 0) >= 2, 'errors counted')
+  t.equal(stats.inFlight, 0)
+})
+
+t.test('a Redis slower than queueTimeout never holds a request past queueTimeout', async (t) => {
+  const server = await RedisServer.start(t)
+  const redis = server.client(t)
+  const a = await instance(t, { redis: server.client(t), timeout: 5000 }, { maxConcurrency: 2, queueTimeout: 300 }, (app) => {
+    app.get('/render', renders, async () => 'ok')
+  })
+  const c = client(t, a.origin)
+  server.pause()
+  const begin = performance.now()
+  const answer = await get(c, '/render')
+  const took = performance.now() - begin
+  t.equal(answer.statusCode, 503)
+  t.equal(JSON.parse(answer.body).code, 'FST_CONCURRENCY_LIMIT_QUEUE_TIMEOUT')
+  t.ok(took < 1000, `answered after ${took.toFixed(0)} ms (queueTimeout 300)`)
+  // Redis then answers the call the request had made: the lease it took for
+  // a waiter that is gone goes back at once.
+  server.unpause()
+  await waitFor(() => a.app.concurrencyLimit.stats('renders').queued === 0)
+  await sleep(100)
+  t.equal(await leases(redis), 0, 'no lease left behind')
+  t.equal((await get(c, '/render')).statusCode, 200)
+})
+
+t.test("onStoreError 'allow' admits up to maxConcurrency per instance while Redis is down", async (t) => {
+  const server = await RedisServer.start(t)
+  const downstream = new Downstream()
+  const a = await instance(t, { redis: server.client(t, { enableOfflineQueue: false }), onStoreError: 'allow' }, { maxConcurrency: 3, maxQueue: 10, queueTimeout: 5000 }, (app) => {
+    app.get('/render', renders, async () => { await downstream.call(50); return 'ok' })
+  })
+  const c = client(t, a.origin)
+  await server.stop()
+  const answers = await Promise.all(Array.from({ length: 6 }, () => get(c, '/render')))
+  t.same(answers.map((x) => x.statusCode), Array(6).fill(200))
+  t.equal(downstream.peak, 3, 'up to maxConcurrency, on this instance alone')
+  t.match(a.app.concurrencyLimit.stats('renders').store, { available: false, unleased: 6, leases: 0 })
+})
+
+t.test("onStoreError 'local' admits maxConcurrency / instances per instance while Redis is down", async (t) => {
+  const server = await RedisServer.start(t)
+  const redis = server.client(t)
+  const downstream = new Downstream()
+  let gate = (): void => {}
+  let opened = new Promise<void>((resolve) => { gate = resolve })
+  const a = await instance(t, { redis: server.client(t), onStoreError: 'local', instances: 2, timeout: 100 }, { maxConcurrency: 4, maxQueue: 10, queueTimeout: 5000 }, (app) => {
+    app.get('/render', renders, async () => { await opened; await downstream.call(30); return 'ok' })
+  })
+  const c = client(t, a.origin)
+  // One request holds a lease when Redis goes away.
+  const first = get(c, '/render')
+  await waitFor(() => a.app.concurrencyLimit.stats('renders').inFlight === 1)
+  await server.stop()
+  const rest = Array.from({ length: 4 }, () => get(c, '/render'))
+  await waitFor(() => a.app.concurrencyLimit.stats('renders').store?.unleased === 1, 3000, 'a fallback admission')
+  await sleep(100)
+  t.equal(a.app.concurrencyLimit.stats('renders').inFlight, 2, 'maxConcurrency / instances = 2, the leased request included')
+  gate()
+  const answers = await Promise.all([first, ...rest])
+  t.same(answers.map((x) => x.statusCode), Array(5).fill(200))
+  t.ok(downstream.peak <= 2, `peak ${downstream.peak} <= 2`)
+  // Back: leases again, and the lease the first request held (lost in the
+  // restart) was not given back twice.
+  await server.resume()
+  opened = Promise.resolve()
+  let back = false
+  for (let i = 0; i < 100 && !back; i++) {
+    await get(c, '/render')
+    back = a.app.concurrencyLimit.stats('renders').store?.available === true
+    if (!back) await sleep(50)
+  }
+  t.ok(back, 'Redis seen again')
+  t.equal((await get(c, '/render')).statusCode, 200)
+  t.equal(await leases(redis), 0)
+  t.match(a.app.concurrencyLimit.stats('renders'), { inFlight: 0, store: { leases: 0 } }, 'every permit given back')
+})
+
+t.test('a group with other store settings on a route is refused', async (t) => {
+  const server = await RedisServer.start(t)
+  const redis = server.client(t)
+  const app = Fastify()
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, { groups: { renders: { maxConcurrency: 2, store: { redis } } } })
+  t.throws(() => app.get('/a', { config: { concurrencyLimit: { group: 'renders', maxConcurrency: 2, store: { redis, leaseMs: 500 } } } }, async () => 'a'),
+    { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /other limits for group "renders"/ })
+  t.throws(() => app.get('/c', { config: { concurrencyLimit: { group: 'renders', maxConcurrency: 2 } } }, async () => 'c'),
+    { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /other limits for group "renders"/ }, 'a route cannot drop the store of its group')
+  app.get('/b', { config: { concurrencyLimit: { group: 'renders', maxConcurrency: 2, store: { redis } } } }, async () => 'b')
+  t.equal((await app.inject('/b')).body, 'b', 'the same settings join the group')
+})
