@@ -230,3 +230,34 @@ t.test('priority is validated at the plugin, in groups and in route config', asy
     { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /route GET \/: config\.concurrencyLimit\.priority must be/ })
   await app.close()
 })
+
+t.test('a pool whose permits come from a shared store keeps the classes too', async (t) => {
+  const log: string[] = []
+  let headroom = 10
+  const limiter = new Limiter('shared', { maxConcurrency: 5, maxQueue: 1, queueTimeout: 60_000 }, undefined, () => ({
+    wake () {},
+    released () {},
+    headroom: () => headroom,
+    close () {},
+    stats: () => ({}) as never
+  }))
+  const waits: number[] = []
+  limiter.onWait = (ms) => { waits.push(ms) }
+  t.notOk(limiter.tryAcquire(CRITICAL), 'a shared pool admits nobody by itself')
+  for (const [name, level] of [['n1', NORMAL], ['c1', CRITICAL], ['n2', NORMAL], ['c2', CRITICAL]] as const) {
+    t.equal(limiter.enqueue(new TestWaiter(name, level, log)), null)
+  }
+  t.ok(limiter.grant(), 'a permit from the store goes to the oldest critical waiter')
+  t.same(log, ['admit c1'])
+  t.equal(waits.length, 1, 'its wait is reported')
+  // The store found no permit for the rest: the queue goes back to maxQueue,
+  // the least important class first, the newest first.
+  headroom = 0
+  limiter.trimQueue()
+  t.same(log, ['admit c1', 'reject n2 queueFull', 'reject n1 queueFull'])
+  t.equal(limiter.queued, 1)
+  limiter.maxQueue = 0
+  limiter.trimQueue()
+  t.same(log.slice(-1), ['reject c2 queueFull'], 'then the critical ones')
+  t.same(limiter.stats().priority, { critical: { admitted: 1, rejected: 1 }, normal: { admitted: 0, rejected: 2 }, sheddable: { admitted: 0, rejected: 0 } })
+})
