@@ -8,6 +8,7 @@
 //   retry-storm closed loop that retries every refusal at once: bare vs the plugin's mechanisms
 //   backlog     5,000 new connections against listen backlogs of 511 and 4096 (nstat counters)
 //   memory      live memory per connection: idle, queued, refusal held back
+//   recycle     runCluster under keep-alive load with a leaking route: no recycling, maxRssMb, maxRequests
 //   all         every scenario above but bench, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
@@ -19,6 +20,7 @@ import { deadlock } from './scenarios/deadlock.js'
 import { explosion } from './scenarios/explosion.js'
 import { goodput } from './scenarios/goodput.js'
 import { memory } from './scenarios/memory.js'
+import { recycle } from './scenarios/recycle.js'
 import { rejectCost } from './scenarios/reject-cost.js'
 import { storm } from './scenarios/retry-storm.js'
 import { threads } from './scenarios/threads.js'
@@ -53,6 +55,9 @@ switch (scenario) {
   case 'memory':
     save(await memory())
     break
+  case 'recycle':
+    save(await recycle())
+    break
   case 'all':
     save(await explosion())
     save(await goodput())
@@ -71,6 +76,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, recycle, all, report or ci`)
     process.exitCode = 2
 }

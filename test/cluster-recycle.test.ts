@@ -1,0 +1,89 @@
+// runCluster end to end, recycles under load: a primary and its workers in
+// child processes, real sockets, undici keep-alive clients. Each worker
+// starts through the TypeScript loader, which takes seconds on a busy machine.
+import t from 'tap'
+import { Pool } from 'undici'
+import { load, ready, startCluster } from './helpers/cluster.js'
+import { sleep } from './helpers/server.js'
+
+t.setTimeout(150_000)
+
+t.test('recycles after maxRequests under keep-alive GET and POST load: replacement first, no request fails', async (t) => {
+  const workers = 2
+  const cluster = startCluster(t, { workers, maxRequests: 200, maxRequestsJitter: 100, statsInterval: 100, drainTimeout: 10_000, logger: undefined })
+  const origin = await ready(cluster)
+  const initial = cluster.events[0].stats
+  t.equal(initial.serving, workers, 'every worker listens before runCluster resolves')
+  for (const worker of initial.workers) {
+    t.ok(worker.requestLimit !== null && worker.requestLimit >= 200 && worker.requestLimit <= 300, `limit ${worker.requestLimit} in [200, 300]`)
+    t.ok(worker.rssBytes > 0, 'RSS reported')
+  }
+  const running = load(origin, 8)
+  // While the load runs, never fewer than `workers` serve and at most one drains.
+  const watching = { on: true }
+  const snapshots: Array<{ serving: number, draining: number }> = []
+  const watch = (async () => {
+    while (watching.on) {
+      const stats = await cluster.stats()
+      snapshots.push({ serving: stats.serving, draining: stats.workers.filter((w) => w.state === 'draining').length })
+      await sleep(50)
+    }
+  })()
+  const recycles = 3
+  await cluster.waitFor(() => cluster.events.filter((e) => e.event === 'recycle').length >= recycles, `${recycles} recycles`, 120_000)
+  const { ok, failures, pids } = await running.stop()
+  watching.on = false
+  await watch
+  t.same(failures, [], `no request failed (${ok} answered)`)
+  t.ok(ok > 0)
+  const events = cluster.events.filter((e) => e.event === 'recycle')
+  for (const event of events) {
+    t.equal(event.reason, 'requests')
+    t.ok(event.stats.serving >= workers, `replacement listening before the old worker drains (${event.stats.serving} serving)`)
+    t.ok(event.stats.workers.some((w) => w.pid === event.pid && w.state === 'draining'), 'the old worker drains')
+  }
+  t.ok(pids.size >= workers + 1, `answers came from ${pids.size} processes: the replacements served`)
+  t.ok(snapshots.length > 0)
+  t.ok(snapshots.every((s) => s.serving >= workers), `never fewer than ${workers} serving (min ${Math.min(...snapshots.map((s) => s.serving))})`)
+  t.ok(snapshots.every((s) => s.draining <= 1), 'at most one worker drains at a time')
+  const stats = await cluster.stats()
+  t.ok(stats.recycles.requests >= recycles, `recycles by reason: ${JSON.stringify(stats.recycles)}`)
+  t.equal(stats.recycles.memory, 0)
+  t.equal(stats.recycles.crash, 0)
+  t.match(cluster.stderr(), /worker \d+ \(pid \d+\) recycled after [\d.]+ s \(\d+ requests\): worker \d+ \(pid \d+\) listens, draining the old one/)
+  t.match(cluster.stderr(), /keep-alive timeout of 5000 ms, not 72000 ms/, 'the keep-alive cap is logged')
+  // SIGTERM to the primary drains every worker and exits 0.
+  process.kill(cluster.child.pid as number, 'SIGTERM')
+  t.same(await cluster.exited, { code: 0, signal: null })
+  t.match(cluster.stderr(), /SIGTERM: draining \d workers/)
+})
+
+t.test('recycles once RSS passes maxRssMb', async (t) => {
+  // The leak route keeps 8 MiB per request: 400 MiB is passed within 50
+  // requests whatever the idle RSS of a worker under the loader.
+  const cluster = startCluster(t, { workers: 1, maxRssMb: 400, statsInterval: 50, drainTimeout: 5000, logger: undefined }, { leakBytes: 8 * 1024 * 1024 })
+  const origin = await ready(cluster)
+  const client = new Pool(origin, { connections: 2 })
+  t.teardown(() => client.destroy())
+  const failures: string[] = []
+  const pids: number[] = []
+  for (let i = 0; i < 200 && !cluster.events.some((e) => e.event === 'recycle'); i++) {
+    try {
+      const response = await client.request({ method: 'GET', path: '/leak' })
+      pids.push((await response.body.json() as { pid: number }).pid)
+      if (response.statusCode !== 200) failures.push(String(response.statusCode))
+    } catch (error) {
+      failures.push((error as Error).message)
+    }
+  }
+  const event = await cluster.waitFor((e) => e.event === 'recycle', 'a recycle')
+  t.equal(event.reason, 'memory')
+  t.equal(event.pid, pids[0], 'the leaking worker is the one replaced')
+  t.ok((event as unknown as { rssBytes: number }).rssBytes > 400 * 1024 * 1024, 'its RSS was over the limit')
+  t.equal(event.stats.recycles.memory, 1)
+  t.same(failures, [])
+  // Served by the replacement now.
+  const response = await client.request({ method: 'GET', path: '/' })
+  t.not((await response.body.json() as { pid: number }).pid, pids[0])
+  t.match(cluster.stderr(), /recycled after [\d.]+ s \(RSS [\d.]+ MiB > maxRssMb\)/)
+})
