@@ -2,6 +2,7 @@
 // does when the primary tells it to go.
 import t, { type Test } from 'tap'
 import Fastify, { type FastifyInstance } from 'fastify'
+import { readFileSync } from 'node:fs'
 import { connect } from 'node:net'
 import { once } from 'node:events'
 import { Client } from 'undici'
@@ -119,5 +120,24 @@ t.test('cut ends every connection left and counts them', async (t) => {
   const drained = drainer.drain()
   t.same(drainer.cut(), { inFlight: 1, idle: 1 })
   t.match(await pending, /other side closed|socket/i, 'the cut request fails at the client')
+  await drained
+})
+
+t.test('over HTTPS too: a request on an idle connection during the drain is served with Connection: close', async (t) => {
+  const https = { key: readFileSync(new URL('./fixtures/key.pem', import.meta.url)), cert: readFileSync(new URL('./fixtures/cert.pem', import.meta.url)) }
+  const app = Fastify({ https })
+  app.get('/', async () => 'ok')
+  const drainer = new Drainer(() => {})
+  drainer.track(app.server)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  t.teardown(() => app.close())
+  const { port } = app.server.address() as { port: number }
+  const client = new Client(`https://127.0.0.1:${port}`, { connect: { rejectUnauthorized: false } })
+  t.teardown(() => client.destroy())
+  await (await client.request({ path: '/', method: 'GET' })).body.text()
+  const drained = drainer.drain()
+  const response = await client.request({ path: '/', method: 'GET' })
+  t.equal(await response.body.text(), 'ok')
+  t.equal(response.headers.connection, 'close')
   await drained
 })

@@ -1,5 +1,6 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http'
 import { Server as NetServer, type Socket } from 'node:net'
+import { Server as TlsServer } from 'node:tls'
 
 /** What a drain cut short when its time ran out. */
 export interface Cut {
@@ -25,7 +26,8 @@ export interface Cut {
  *   the server's keep-alive timeout, which the client was told in the
  *   `Keep-Alive: timeout=N` header, runs out; a request that arrives on it
  *   first is served, with `Connection: close`.
- * The drain ends when no connection is left.
+ * The drain ends when no connection is left. HTTP/1 and HTTPS only: an
+ * HTTP/2 response cannot carry `Connection: close`.
  */
 export class Drainer {
   readonly #servers = new Set<Server>()
@@ -55,7 +57,8 @@ export class Drainer {
   track (server: Server): void {
     if (this.#servers.has(server)) return
     this.#servers.add(server)
-    server.prependListener('connection', (socket: Socket) => {
+    // Over TLS, requests come on the TLS socket, after the handshake.
+    server.prependListener(server instanceof TlsServer ? 'secureConnection' : 'connection', (socket: Socket) => {
       this.#sockets.set(socket, new Set())
       socket.once('close', () => {
         this.#sockets.delete(socket)

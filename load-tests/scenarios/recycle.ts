@@ -11,10 +11,12 @@
 // as answers that come late, not as a lower ceiling.
 import { fork, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
+import { existsSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import autocannon from 'autocannon'
 import { Pool } from 'undici'
-import { machine, progress, round, values } from '../lab.js'
+import { machine, progress, resultsDir, round, values } from '../lab.js'
 import type { Chart, ScenarioResult, Table } from '../report.js'
 import { median } from '../stats.js'
 
@@ -29,15 +31,22 @@ export interface RecycleRun {
   variant: Variant
   options: Record<string, unknown>
   durationS: number
+  /** Requests per second offered, both clients. */
+  rate: number
   ok: number
   failed: number
   failures: Record<string, number>
   recycles: RecycleMark[]
-  /** Answers (2xx) completed in each second of the load, both clients. */
+  /**
+   * Answers (2xx) to the scheduled undici client completed in each second of
+   * the load (autocannon's -R sends each second's allowance in one burst).
+   */
   perSecond: number[]
   medianPerS: number
   /** The lowest second that saw a recycle, as a fraction of the median. */
   worstRecycleSecondRatio: number | null
+  /** The lowest of the other seconds: the noise floor to compare it with. */
+  worstOtherSecondRatio: number | null
   idleRssMB: number
   maxRssMB: number
   /** Max RSS of the workers at each sample: [seconds, MB]. */
@@ -125,12 +134,11 @@ async function undiciLoad (origin: string, rate: number, durationS: number, perS
 }
 
 /** autocannon at `rate` requests per second overall, GET and POST in turn. */
-async function autocannonLoad (origin: string, rate: number, durationS: number, perSecond: number[], failures: Record<string, number>): Promise<number> {
-  let second = 0
+async function autocannonLoad (origin: string, rate: number, durationS: number, failures: Record<string, number>): Promise<number> {
   let done: (result: autocannon.Result) => void = () => {}
   let failed: (error: Error) => void = () => {}
   const finished = new Promise<autocannon.Result>((resolve, reject) => { done = resolve; failed = reject })
-  const instance = autocannon({
+  autocannon({
     url: origin,
     connections: 8,
     overallRate: rate,
@@ -141,11 +149,6 @@ async function autocannonLoad (origin: string, rate: number, durationS: number, 
       { method: 'POST', path: '/', body: '{"n":1}', headers: { 'content-type': 'application/json' } }
     ]
   }, (error, result) => { if (error !== null && error !== undefined) failed(error as Error); else done(result) })
-  // Each second, the answers of that second (the types omit the argument).
-  ;(instance as unknown as { on: (event: 'tick', listener: (counter: { counter: number }) => void) => void }).on('tick', (counter) => {
-    perSecond[second] = (perSecond[second] ?? 0) + counter.counter
-    second++
-  })
   const result = await finished
   const add = (why: string, n: number): void => { if (n > 0) failures[why] = (failures[why] ?? 0) + n }
   add('autocannon errors', result.errors)
@@ -155,7 +158,7 @@ async function autocannonLoad (origin: string, rate: number, durationS: number, 
   return result['2xx']
 }
 
-async function probeIdleRss (): Promise<number> {
+export async function probeIdleRss (): Promise<number> {
   const server = new Server({})
   await server.ready()
   while (server.samples.length < 4) await once(server.child, 'message')
@@ -164,7 +167,7 @@ async function probeIdleRss (): Promise<number> {
   return idle
 }
 
-export async function runVariant (variant: Variant, durationS: number, rate: number, idleRssMB: number): Promise<RecycleRun> {
+export async function runVariant (variant: Variant, durationS: number, rate: number, idleRssMB: number, override: Record<string, unknown> = {}): Promise<RecycleRun> {
   const options: Record<string, unknown> = {}
   if (variant === 'memory') options.maxRssMb = Math.ceil(idleRssMB + Number(values['recycle-rss-margin']))
   // Each worker takes half the load: a recycle every ~10 s each.
@@ -172,6 +175,7 @@ export async function runVariant (variant: Variant, durationS: number, rate: num
     options.maxRequests = Math.round(rate / 2 * 10)
     options.maxRequestsJitter = Math.round(rate / 2 * 2)
   }
+  Object.assign(options, override)
   progress(`recycle ${variant}: ${JSON.stringify(options)}, ${rate}/s (half undici keep-alive, half autocannon), ${durationS} s`)
   const server = new Server(options)
   await server.ready()
@@ -181,7 +185,7 @@ export async function runVariant (variant: Variant, durationS: number, rate: num
   const loadStart = server.samples.at(-1)?.t ?? 0
   const [a, b] = await Promise.all([
     undiciLoad(origin, rate / 2, durationS, perSecond, failures),
-    autocannonLoad(origin, rate / 2, durationS, perSecond, failures)
+    autocannonLoad(origin, rate / 2, durationS, failures)
   ])
   await server.close()
   const seconds = perSecond.slice(1, durationS - 1).map((n) => n ?? 0)
@@ -189,6 +193,7 @@ export async function runVariant (variant: Variant, durationS: number, rate: num
   const recycles = server.recycles.map((r) => ({ t: round(r.t - loadStart, 2), reason: r.reason, pid: r.pid }))
   const recycleSeconds = [...new Set(recycles.map((r) => Math.floor(r.t)).filter((s) => s >= 1 && s < durationS - 1))]
   const ratios = recycleSeconds.map((s) => (perSecond[s] ?? 0) / med)
+  const others = seconds.map((n, i) => ({ n, s: i + 1 })).filter(({ s }) => !recycleSeconds.includes(s)).map(({ n }) => n / med)
   const rss: Array<[number, number]> = server.samples
     .filter((s) => s.t >= loadStart && s.workers.length > 0)
     .map((s) => [round(s.t - loadStart, 2), round(Math.max(...s.workers.map((w) => w.rssMB)), 1)])
@@ -197,6 +202,7 @@ export async function runVariant (variant: Variant, durationS: number, rate: num
     variant,
     options,
     durationS,
+    rate,
     ok: a + b,
     failed,
     failures,
@@ -204,13 +210,14 @@ export async function runVariant (variant: Variant, durationS: number, rate: num
     perSecond: perSecond.map((n) => n ?? 0),
     medianPerS: med,
     worstRecycleSecondRatio: ratios.length === 0 ? null : round(Math.min(...ratios), 3),
+    worstOtherSecondRatio: others.length === 0 ? null : round(Math.min(...others), 3),
     idleRssMB: round(idleRssMB, 1),
     maxRssMB: round(Math.max(...rss.map(([, mb]) => mb)), 1),
     rss,
     cut: server.closedStats?.cut ?? { drains: 0, inFlight: 0, idle: 0 }
   }
   progress(`recycle ${variant}: ${run.ok} ok, ${run.failed} failed ${JSON.stringify(failures)}, ${recycles.length} recycles, ` +
-    `RSS max ${run.maxRssMB} MB (idle ${run.idleRssMB}), median ${med}/s, worst recycle second ${run.worstRecycleSecondRatio ?? '-'} of the median`)
+    `RSS max ${run.maxRssMB} MB (idle ${run.idleRssMB}), median ${med}/s (undici), worst recycle second ${run.worstRecycleSecondRatio ?? '-'} of the median, worst other second ${run.worstOtherSecondRatio ?? '-'}`)
   return run
 }
 
@@ -220,13 +227,20 @@ export async function recycle (): Promise<ScenarioResult> {
   const variants = String(values['recycle-variants']).split(',') as Variant[]
   const idle = await probeIdleRss()
   progress(`recycle: idle worker RSS ${round(idle, 1)} MB`)
-  const runs: RecycleRun[] = []
+  // Each variant may run on its own (a minute each, to keep one run short):
+  // the runs of other variants already in the results folder are kept.
+  const file = join(resultsDir, 'recycle.json')
+  const earlier = existsSync(file) ? (JSON.parse(readFileSync(file, 'utf8')) as { data: RecycleRun[] }).data.filter((r) => !variants.includes(r.variant)) : []
+  const runs: RecycleRun[] = [...earlier]
   for (const variant of variants) runs.push(await runVariant(variant, durationS, rate, idle))
+  const order: Variant[] = ['none', 'memory', 'requests']
+  runs.sort((x, y) => order.indexOf(x.variant) - order.indexOf(y.variant))
   const table: Table = {
-    title: `Worker recycling: 2 workers, a route leaking 10 KiB per request, ${rate}/s for ${durationS} s (GET and POST, undici keep-alive + autocannon)`,
-    columns: ['variant', 'options', 'recycles', 'answered (2xx)', 'failed', 'RSS max MB', 'RSS max / maxRssMb', 'median /s', 'worst recycle second / median', 'cut'],
+    title: 'Worker recycling: 2 workers, a route leaking 10 KiB per request, GET and POST from undici keep-alive + autocannon at a set rate',
+    columns: ['variant', 'offered', 'options', 'recycles', 'answered (2xx)', 'failed', 'RSS max MB', 'RSS max / maxRssMb', 'median /s (undici)', 'worst recycle second / median', 'worst other second / median', 'cut'],
     rows: runs.map((r) => [
       r.variant,
+      `${r.rate}/s, ${r.durationS} s`,
       JSON.stringify(r.options),
       r.recycles.length,
       r.ok,
@@ -235,6 +249,7 @@ export async function recycle (): Promise<ScenarioResult> {
       typeof r.options.maxRssMb === 'number' ? round(r.maxRssMB / r.options.maxRssMb, 2) : '-',
       r.medianPerS,
       r.worstRecycleSecondRatio ?? '-',
+      r.worstOtherSecondRatio ?? '-',
       r.cut.inFlight + r.cut.idle
     ])
   }
