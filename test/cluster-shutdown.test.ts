@@ -25,8 +25,10 @@ t.test('SIGTERM drains: requests queued in the plugin are served, an idle keep-a
     await sleep(50)
     stats = await cluster.stats()
   }
-  // One runs, two wait in the queue.
-  process.kill(cluster.child.pid as number, 'SIGTERM')
+  // One runs, two wait in the queue. SIGTERM to the whole process group, as
+  // Ctrl-C or a process manager sends it: the worker ignores it and waits
+  // for the primary's word to drain.
+  process.kill(-(cluster.child.pid as number), 'SIGTERM')
   await cluster.waitForLog(/SIGTERM: draining 1 worker\n/)
   await sleep(200)
   const reused = await idle.request({ method: 'POST', path: '/', body: '{"late":true}', headers: { 'content-type': 'application/json' } })

@@ -23,6 +23,8 @@ const cluster = await runCluster({
 }, factory)
 expectType<Cluster | null>(cluster)
 await runCluster({}, () => Fastify())
+await runCluster({}, async () => Fastify({ https: { key: '', cert: '' } }))
+await runCluster({}, async () => Fastify().withTypeProvider<{ schema: unknown, validator: unknown, serializer: unknown }>())
 expectAssignable<ClusterOptions>({ logger: { info: (_: string) => {}, warn: (_: string) => {}, error: (_: string) => {} } })
 expectError(runCluster({ workers: '2' }, factory))
 expectError(runCluster({ listen: 3000 }, factory))

@@ -34,8 +34,12 @@ export interface ClusterOptions {
   logger?: ClusterLogger | false
 }
 
-/** Runs in each worker: builds the app and returns it, not listening. */
-export type AppFactory = () => FastifyInstance | Promise<FastifyInstance>
+/**
+ * Runs in each worker: builds the app and returns it, not listening. Any
+ * Fastify instance: HTTP or HTTPS, its own logger, a type provider.
+ */
+type AnyFastifyInstance = FastifyInstance<any, any, any, any, any>
+export type AppFactory = () => AnyFastifyInstance | Promise<AnyFastifyInstance>
 
 export interface ResolvedClusterOptions {
   workers: number
