@@ -148,7 +148,7 @@ export function guardEveryServer (fastify: FastifyInstance, maxConnections: numb
   return guard
 }
 
-function serverBindings (fastify: object): unknown {
+export function serverBindings (fastify: object): unknown {
   // A child context inherits the field from the root through its prototype.
   for (let object: object | null = fastify; object !== null; object = Object.getPrototypeOf(object)) {
     const symbol = Object.getOwnPropertySymbols(object).find((s) => s.description === BINDINGS)

@@ -31,6 +31,12 @@ export const { values, positionals } = parseArgs({
     'memory-connections': { type: 'string', default: '1000,4000' },
     // Long enough for steady state: the first second of a storm is all refusals.
     'storm-duration': { type: 'string', default: '10' },
+    // Worker recycling: seconds per variant, requests per second offered,
+    // which variants, MB above the idle RSS for maxRssMb.
+    'recycle-duration': { type: 'string', default: '60' },
+    'recycle-rate': { type: 'string', default: '1000' },
+    'recycle-variants': { type: 'string', default: 'none,memory,requests' },
+    'recycle-rss-margin': { type: 'string', default: '40' },
     duration: { type: 'string', default: '5' },
     repeats: { type: 'string', default: '3' },
     'client-timeout': { type: 'string', default: '1000' },

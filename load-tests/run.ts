@@ -13,6 +13,7 @@
 //   priority    priority classes at 10x overload, with and without them
 //   adaptive    an adaptive limit against a downstream whose capacity changes
 //   fleet       three instances sharing a group through Redis (needs redis-server): kill -9, Redis restart
+//   recycle     runCluster under keep-alive load with a leaking route: no recycling, maxRssMb, maxRequests
 //   all         every scenario above but bench, then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
@@ -29,6 +30,7 @@ import { goodput } from './scenarios/goodput.js'
 import { memory } from './scenarios/memory.js'
 import { pooledClient } from './scenarios/pooled-client.js'
 import { priority } from './scenarios/priority.js'
+import { recycle } from './scenarios/recycle.js'
 import { rejectCost } from './scenarios/reject-cost.js'
 import { storm } from './scenarios/retry-storm.js'
 import { threads } from './scenarios/threads.js'
@@ -78,6 +80,9 @@ switch (scenario) {
   case 'fleet':
     save(await fleet())
     break
+  case 'recycle':
+    save(await recycle())
+    break
   case 'all':
     save(await explosion())
     save(await goodput())
@@ -100,6 +105,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, priority, adaptive, fleet, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, priority, adaptive, fleet, recycle, all, report or ci`)
     process.exitCode = 2
 }

@@ -5,6 +5,7 @@ import { openLoop } from '../openloop.js'
 import { cpuRun, cpuVariants } from './cpu.js'
 import { printTable, stepSummary, type Table } from '../report.js'
 import type { ServerSettings } from '../server.js'
+import { runVariant } from './recycle.js'
 
 export async function ci (): Promise<boolean> {
   // Small enough for a 2-core CI machine to offer 10x capacity in open loop
@@ -72,6 +73,15 @@ export async function ci (): Promise<boolean> {
       ideal: capacity(stormSettings.maxConcurrency, stormSettings.serviceTime),
       minRatio: 0.8
     }
+  })
+  // Worker recycling: a few recycles in a short run, counted, never timed.
+  const recycleRate = 1000
+  progress(`gate: worker recycling (2 workers, maxRequests ${recycleRate}, ${recycleRate}/s, 10 s)`)
+  const recycling = await runVariant('requests', 10, recycleRate, 0, { maxRequests: recycleRate, maxRequestsJitter: recycleRate / 5 })
+  checks.push({
+    name: 'worker recycling: no failed request across >= 3 recycles',
+    pass: recycling.failed === 0 && recycling.recycles.length >= 3 && recycling.cut.inFlight === 0,
+    detail: `${recycling.recycles.length} recycles, ${recycling.ok} answered, ${recycling.failed} failed ${JSON.stringify(recycling.failures)}, ${recycling.cut.inFlight} cut at the end`
   })
   const table: Table = { title: 'Load-test gate', columns: ['check', 'result', 'figures'], rows: checks.map((c) => [c.name, c.pass ? 'pass' : 'FAIL', c.detail]) }
   printTable(table)

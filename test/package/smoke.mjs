@@ -23,4 +23,10 @@ for (const plugin of [esmDefault, cjs, cjs.default]) {
   assert.equal(app.concurrencyLimit.stats().completed, 1)
   await app.close()
 }
-console.log('package smoke test: import, require and register all work')
+// The cluster entry: its own subpath, from import and require; it checks
+// its options before forking anything.
+const { runCluster } = await import('fastify-concurrency-limit/cluster')
+assert.equal(typeof runCluster, 'function')
+assert.equal(require('fastify-concurrency-limit/cluster').runCluster, runCluster)
+await assert.rejects(runCluster({ workers: 0 }, async () => Fastify()), { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION' })
+console.log('package smoke test: import, require and register all work; the cluster entry loads')

@@ -1,0 +1,130 @@
+import type { Server } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import type { FastifyInstance } from 'fastify'
+import { serverBindings } from '../connection-guard.js'
+import { InvalidOptionError } from '../errors.js'
+import { Drainer } from './drain.js'
+import { PORT_ENV, TAG, isMessage, type PrimaryMessage, type WorkerMessage } from './messages.js'
+import type { AppFactory, ResolvedClusterOptions } from './options.js'
+
+type Body<T> = T extends unknown ? Omit<T, 'tag'> : never
+
+function send (message: Body<WorkerMessage>): Promise<void> {
+  // Were the primary gone already, the callback gets the error: there is no
+  // one left to tell.
+  return new Promise((resolve) => {
+    (process.send as NonNullable<typeof process.send>)({ tag: TAG, ...message }, undefined, {}, () => { resolve() })
+  })
+}
+
+function describe (error: unknown): string {
+  return error instanceof Error ? String(error.stack) : String(error)
+}
+
+function isFastify (app: unknown): app is FastifyInstance {
+  return app !== null && typeof app === 'object' && typeof (app as FastifyInstance).listen === 'function' &&
+    typeof (app as FastifyInstance).close === 'function' && (app as FastifyInstance).server !== undefined
+}
+
+/**
+ * One worker: builds the app, counts its requests, reports its RSS, listens
+ * on the port the workers share, and drains when the primary says so.
+ */
+export async function runWorker (options: ResolvedClusterOptions, factory: AppFactory): Promise<void> {
+  // Ctrl-C and a process manager's SIGTERM often reach the whole process
+  // group: the primary drains the workers, each one must not die first.
+  const ignore = (): void => {}
+  process.on('SIGINT', ignore)
+  process.on('SIGTERM', ignore)
+
+  let app: unknown
+  try {
+    app = await factory()
+    if (!isFastify(app)) throw new InvalidOptionError(`runCluster: the factory must return a Fastify instance, not listening; it returned ${typeof app}`)
+  } catch (error) {
+    await send({ type: 'failed', error: describe(error) })
+    process.exit(1)
+  }
+
+  const requestLimit = options.maxRequests + Math.floor(Math.random() * (options.maxRequestsJitter + 1))
+  let requests = 0
+  let askedToRecycle = false
+  const recycle = (reason: 'requests' | 'memory'): void => {
+    if (askedToRecycle) return
+    askedToRecycle = true
+    send({ type: 'recycle', reason })
+  }
+  const drainer = new Drainer(() => {
+    if (++requests >= requestLimit) recycle('requests')
+  })
+
+  // The drain waits for idle connections to be closed by their clients,
+  // which do so before the keep-alive timeout the server announces: that
+  // timeout must end well within the drain's.
+  const keepAliveCap = Math.floor(options.drainTimeout / 2)
+  let keepAliveCapped: number | null = null
+  const prepare = (server: Server): void => {
+    drainer.track(server)
+    if (server.keepAliveTimeout > keepAliveCap) {
+      keepAliveCapped = server.keepAliveTimeout
+      server.keepAliveTimeout = keepAliveCap
+    }
+  }
+  prepare(app.server)
+  const bindings = serverBindings(app)
+  // With host 'localhost' Fastify may listen on more servers than
+  // app.server: it keeps them there (see connection-guard.ts).
+  if (Array.isArray(bindings)) {
+    const push = bindings.push
+    Object.defineProperty(bindings, 'push', {
+      configurable: true,
+      writable: true,
+      value: function prepareThenPush (this: Server[], ...servers: Server[]): number {
+        for (const server of servers) prepare(server)
+        return push.apply(this, servers)
+      }
+    })
+  }
+
+  const report = (): void => {
+    const rss = process.memoryUsage.rss()
+    send({ type: 'stats', rss, requests, inFlight: drainer.inFlight })
+    if (rss > options.maxRssBytes) recycle('memory')
+  }
+  const timer = setInterval(report, options.statsInterval)
+  timer.unref()
+
+  const fastify = app
+  // The app's own messages on the channel are left alone.
+  const onMessage = (message: unknown): void => {
+    if (!isMessage<PrimaryMessage>(message)) return
+    process.removeListener('message', onMessage)
+    const deadline = setTimeout(() => {
+      send({ type: 'cut', cut: drainer.cut() })
+    }, options.drainTimeout)
+    drainer.drain().then(async () => {
+      clearTimeout(deadline)
+      clearInterval(timer)
+      // The app's own onClose hooks (database pools and the like).
+      await fastify.close()
+      process.exit(0)
+    })
+  }
+  process.on('message', onMessage)
+
+  try {
+    const port = process.env[PORT_ENV]
+    await fastify.listen(port === undefined ? options.listen : { ...options.listen, port: Number(port) })
+  } catch (error) {
+    await send({ type: 'failed', error: describe(error) })
+    process.exit(1)
+  }
+  report()
+  // A pipe's address is its path.
+  const address = (fastify.addresses() as Array<AddressInfo | string>)
+    .map((a) => typeof a === 'string' ? a : `${a.address.replace(/.*:.*/, '[$&]')}:${a.port}`)
+    .join(', ')
+  const bound = fastify.server.address()
+  const port = bound !== null && typeof bound === 'object' ? bound.port : null
+  await send({ type: 'listening', address, port, requestLimit, keepAliveCapped })
+}
