@@ -44,6 +44,18 @@ export const STORM_BACK = 0.5
 export const FIRST_HOLD_MS = 2000
 /** Longest engagement before the brake lets go to see whether it is still needed. */
 export const MAX_HOLD_MS = 16_000
+/**
+ * Once engaged, the loop must fall below this within `VERIFY_MS`: holding
+ * refusals back lightened it, so they were what filled it. A loop that stays
+ * this busy is kept busy by something else (CPU-bound routes, a starved
+ * host), and holding the refusals of its clients would only turn them into
+ * timeouts.
+ */
+export const RELIEF_BELOW = 0.85
+export const VERIFY_MS = 1000
+/** After a misjudged engagement, the brake stays off this long; doubled each time in a row, up to MAX_SUPPRESS_MS. */
+export const FIRST_SUPPRESS_MS = 10_000
+export const MAX_SUPPRESS_MS = 80_000
 /** Sampling stops after this many samples without a refusal: a second. */
 export const QUIET_SAMPLES = 1000 / SAMPLE_MS
 
@@ -111,6 +123,12 @@ export class LoopLoad {
   #stormRate = 0
   #hold = FIRST_HOLD_MS
   #releasedAt = -Infinity
+  /** The loop fell below RELIEF_BELOW since the brake engaged. */
+  #relieved = false
+  #suppressedUntil = -Infinity
+  #suppress = FIRST_SUPPRESS_MS
+  /** Called when the brake lets go because holding did not lighten the loop: what it holds is to be answered now. */
+  onMisjudged: (() => void) | null = null
   readonly #sample: Sampler
   readonly #now: () => number
   readonly #every: Every
@@ -161,14 +179,28 @@ export class LoopLoad {
     const rate = refusals / elapsed
     this.#sampledAt = now
     if (this.engaged) {
+      if (utilization < RELIEF_BELOW) this.#relieved = true
+      else if (!this.#relieved && now - this.#engagedAt >= VERIFY_MS) {
+        // Holding refusals back did not lighten the loop: they were not what
+        // filled it. Off, and not again for a while.
+        this.engaged = false
+        this.#releasedAt = -Infinity
+        this.#suppressedUntil = now + this.#suppress
+        this.#suppress = Math.min(MAX_SUPPRESS_MS, this.#suppress * 2)
+        this.#saturated = 0
+        this.onMisjudged?.()
+        return
+      }
       if (now - this.#engagedAt >= this.#hold && utilization < RELEASE_BELOW) {
         // Refusals already held belong to clients that retry at once: they
         // wait out their hold, and come back over it rather than all at once.
         this.engaged = false
         this.#releasedAt = now
+        this.#suppress = FIRST_SUPPRESS_MS
       }
       return
     }
+    if (now < this.#suppressedUntil) return
     const again = now - this.#releasedAt <= this.#hold
     const storm = utilization >= ENGAGE_AT || (again && rate > this.#stormRate * STORM_BACK)
     if (!storm || rate * 1000 < MIN_REFUSALS_PER_S) {
@@ -186,6 +218,7 @@ export class LoopLoad {
     const stormRate = this.#stormRefusals / this.#stormMs
     this.#stormRate = again ? Math.max(this.#stormRate, stormRate) : stormRate
     this.engaged = true
+    this.#relieved = false
     this.#engagedAt = now
     this.#hold = again ? Math.min(MAX_HOLD_MS, this.#hold * 2) : FIRST_HOLD_MS
   }

@@ -63,6 +63,9 @@ export class RejectDelay {
     this.max = max
     this.#answer = answer
     this.load = load
+    // The loop stayed busy while refusals were held: they belong to clients
+    // that send on their own schedule, not to a storm. Answer them now.
+    load.onMisjudged = () => { this.#answerHeld() }
   }
 
   /** Holds the refusal back; false if it must be answered now. */
@@ -124,6 +127,10 @@ export class RejectDelay {
   /** Answers every held refusal now and stops sampling the loop (the server is closing). */
   drain (): void {
     this.load.stop()
+    this.#answerHeld()
+  }
+
+  #answerHeld (): void {
     for (const [timer, release] of this.#held) {
       clearTimeout(timer)
       release()

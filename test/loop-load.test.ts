@@ -5,15 +5,19 @@ import {
   ENGAGE_SAMPLES,
   every,
   FIRST_HOLD_MS,
+  FIRST_SUPPRESS_MS,
   LoopLoad,
   loopUtilization,
   MAX_HOLD_MS,
+  MAX_SUPPRESS_MS,
   MIN_REFUSALS,
   QUIET_SAMPLES,
   RELEASE_BELOW,
+  RELIEF_BELOW,
   SAMPLE_EVERY_REFUSALS,
   SAMPLE_MS,
-  STORM_BACK
+  STORM_BACK,
+  VERIFY_MS
 } from '../lib/loop-load.js'
 
 // A brake that holds slows clients that retry at once: a tenth of the refusals.
@@ -126,6 +130,29 @@ t.test('a loop that stays busy keeps the brake on past the hold', async (t) => {
   engage()
   t.same(new Set(hold(0.8, 10 * FIRST_HOLD_MS)), new Set([true]))
   t.equal(sample(0.5, SLOWED), false)
+})
+
+t.test('a loop that stays saturated while refusals are held was not filled by them: off, and not again for a while', async (t) => {
+  const { load, sample, hold, engage } = virtual()
+  let misjudged = 0
+  load.onMisjudged = () => { misjudged++ }
+  t.equal(engage(), true)
+  // A CPU-bound route, or a starved host: holding refusals changes nothing.
+  const held = hold(RELIEF_BELOW, VERIFY_MS, MIN_REFUSALS)
+  t.equal(held.at(-1), false, 'let go after VERIFY_MS')
+  t.equal(held.filter((engaged) => engaged).length, VERIFY_MS / SAMPLE_MS - 1, 'engaged until then')
+  t.equal(misjudged, 1, 'what it held is answered')
+  t.same(new Set(hold(1, FIRST_SUPPRESS_MS - SAMPLE_MS, 4 * MIN_REFUSALS)), new Set([false]), 'off for FIRST_SUPPRESS_MS, however saturated')
+  t.equal(engage(), true, 'then it may engage again')
+  t.equal(hold(1, VERIFY_MS).at(-1), false, 'misjudged again')
+  t.same(new Set(hold(1, 2 * FIRST_SUPPRESS_MS - SAMPLE_MS, 4 * MIN_REFUSALS)), new Set([false]), 'off twice as long')
+  t.equal(engage(), true)
+  // This time holding lightens the loop: a storm. It holds, then lets go,
+  // and the suppression starts again from the shortest.
+  sample(0.5, SLOWED)
+  t.same(new Set(hold(0.9, 3 * VERIFY_MS, SLOWED)), new Set([true]), 'relieved once: kept on while the loop is busy')
+  t.equal(sample(0.1, SLOWED), false, 'released below RELEASE_BELOW after the hold')
+  t.equal(MAX_SUPPRESS_MS, 8 * FIRST_SUPPRESS_MS)
 })
 
 t.test('the same storm within a hold of letting go: engaged on one sample, for twice as long, up to MAX_HOLD_MS', async (t) => {

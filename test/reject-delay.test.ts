@@ -284,4 +284,16 @@ t.test('the brake, unit by unit', async (t) => {
     t.equal(limiter.heldRejections, 0)
     t.equal(load.sampling, false)
   })
+
+  t.test('when holding did not lighten the loop, what it holds is answered at once', async (t) => {
+    const { delay, load, answered } = brake()
+    load.engaged = true
+    const req = request({})
+    delay.hold(limiter, req, reply)
+    t.equal(delay.hold(limiter, req, reply), true)
+    load.onMisjudged?.()
+    t.same(answered, [req])
+    t.equal(delay.size, 0)
+    delay.drain()
+  })
 })
