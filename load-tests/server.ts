@@ -89,7 +89,7 @@ const app = Fastify({ logger: false, forceCloseConnections: true, keepAliveTimeo
 if (settings.variant === 'plugin') {
   const registry = settings.metrics === true ? new (await import('prom-client')).Registry() : null
   await app.register(concurrencyLimit, settings.pluginOnly === true
-    ? settings.plugin ?? {}
+    ? { groups: { saturated: { maxConcurrency: 1, maxQueue: 0 } }, ...settings.plugin }
     : {
         maxConcurrency: settings.maxConcurrency,
         maxQueue: settings.maxQueue,
