@@ -32,10 +32,16 @@ export interface GateInput {
   maxTimeoutRatio: number
   /**
    * A route of synchronous CPU work behind `maxEventLoopDelay`, in open loop
-   * at 5x the capacity the same server showed just before (a closed loop of
-   * a few connections), 2xx per second.
+   * at 5x the capacity the same server showed just before: the p99 of the
+   * server's event-loop delay, held to a multiple of the bound.
    */
-  cpu?: { capacityPerS: number, goodputPerS: number, minRatio: number }
+  cpu?: { eventLoopDelayP99Ms: number, boundMs: number, maxRatio: number }
+  /**
+   * An adaptive limit with nothing else set, in open loop at 1,200/s against
+   * a downstream whose parallel calls step from 20 to 5: goodput in each
+   * phase, after its first 2 s, as a fraction of that phase's capacity.
+   */
+  adaptive?: { goodputRatios: number[], minRatio: number }
   /** Closed loop at a load the server carries. */
   moderate: { errors: number, timeouts: number, non2xx: number }
   /** Minimum goodput at 10x, as a fraction of capacity (the lower of nominal and measured). */
@@ -88,11 +94,19 @@ function stormCheck (storm: GateInput['storm']): Check {
 }
 
 function cpuCheck (cpu: NonNullable<GateInput['cpu']>): Check {
-  const ratio = cpu.goodputPerS / cpu.capacityPerS
+  const bound = cpu.boundMs * cpu.maxRatio
   return {
-    name: `CPU-bound route at 5x: goodput >= ${cpu.minRatio} x capacity`,
-    pass: ratio >= cpu.minRatio,
-    detail: `${cpu.goodputPerS.toFixed(0)}/s of ${cpu.capacityPerS.toFixed(0)}/s = ${(100 * ratio).toFixed(1)}%`
+    name: `CPU-bound route at 5x: event-loop delay p99 <= ${cpu.maxRatio} x maxEventLoopDelay`,
+    pass: cpu.eventLoopDelayP99Ms <= bound,
+    detail: `p99 ${cpu.eventLoopDelayP99Ms.toFixed(1)} ms, bound ${bound.toFixed(0)} ms`
+  }
+}
+
+function adaptiveCheck (adaptive: NonNullable<GateInput['adaptive']>): Check {
+  return {
+    name: `adaptive limit: goodput >= ${adaptive.minRatio} x capacity in every phase`,
+    pass: adaptive.goodputRatios.every((ratio) => ratio >= adaptive.minRatio),
+    detail: adaptive.goodputRatios.map((ratio, i) => `phase ${i + 1}: ${(100 * ratio).toFixed(1)}%`).join(', ')
   }
 }
 
@@ -134,6 +148,7 @@ export function checkGate (input: GateInput): Check[] {
       pass: input.moderate.errors === 0 && input.moderate.timeouts === 0 && input.moderate.non2xx === 0,
       detail: `errors ${input.moderate.errors}, timeouts ${input.moderate.timeouts}, non-2xx ${input.moderate.non2xx}`
     },
-    ...(input.cpu === undefined ? [] : [cpuCheck(input.cpu)])
+    ...(input.cpu === undefined ? [] : [cpuCheck(input.cpu)]),
+    ...(input.adaptive === undefined ? [] : [adaptiveCheck(input.adaptive)])
   ]
 }

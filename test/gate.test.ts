@@ -37,10 +37,14 @@ t.test('each broken invariant fails its own check', async (t) => {
   // 1% of 11,000 refusals: 110 timeouts pass, 111 fail.
   t.same(failing({ ...good, overload: { ...good.overload, timeouts: 110 } }), [])
   t.same(failing({ ...good, overload: { ...good.overload, timeouts: 111 } }), ['client timeouts at 10x <= 1% of refusals'])
-  const cpu = { capacityPerS: 450, goodputPerS: 270, minRatio: 0.6 }
+  const cpu = { eventLoopDelayP99Ms: 75, boundMs: 50, maxRatio: 1.5 }
   t.same(failing({ ...good, cpu }), [])
-  t.same(failing({ ...good, cpu: { ...cpu, goodputPerS: 269 } }), ['CPU-bound route at 5x: goodput >= 0.6 x capacity'])
-  t.equal(checkGate({ ...good, cpu }).at(-1)?.detail, '270/s of 450/s = 60.0%')
+  t.same(failing({ ...good, cpu: { ...cpu, eventLoopDelayP99Ms: 75.1 } }), ['CPU-bound route at 5x: event-loop delay p99 <= 1.5 x maxEventLoopDelay'])
+  t.equal(checkGate({ ...good, cpu }).at(-1)?.detail, 'p99 75.0 ms, bound 75 ms')
+  const adaptive = { goodputRatios: [0.95, 0.8], minRatio: 0.8 }
+  t.same(failing({ ...good, adaptive }), [])
+  t.same(failing({ ...good, adaptive: { ...adaptive, goodputRatios: [0.95, 0.79] } }), ['adaptive limit: goodput >= 0.8 x capacity in every phase'])
+  t.equal(checkGate({ ...good, adaptive }).at(-1)?.detail, 'phase 1: 95.0%, phase 2: 80.0%')
   t.same(failing({ ...good, moderate: { errors: 1, timeouts: 0, non2xx: 0 } }), ['no socket errors at moderate load'])
   t.same(failing({ ...good, moderate: { errors: 0, timeouts: 2, non2xx: 0 } }), ['no socket errors at moderate load'])
   t.same(failing({ ...good, moderate: { errors: 0, timeouts: 0, non2xx: 5 } }), ['no socket errors at moderate load'])

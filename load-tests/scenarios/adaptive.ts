@@ -18,7 +18,7 @@ const DRIFT_S = 60
 
 const phaseCapacity = (slots: number) => slots * 1000 / SERVICE_MS
 
-interface PhaseRun {
+export interface PhaseRun {
   slots: number
   goodputPct: number
   p99Server: number
@@ -26,10 +26,10 @@ interface PhaseRun {
   timeoutsPerS: number
 }
 
-function byPhase (res: OpenLoopResult, s: ServerStats): PhaseRun[] {
-  return PHASES.map(([atS, slots]) => {
+export function byPhase (res: OpenLoopResult, s: ServerStats, phases = PHASES, phaseS = PHASE_S): PhaseRun[] {
+  return phases.map(([atS, slots]) => {
     const from = atS + SETTLE_S
-    const to = atS + PHASE_S
+    const to = atS + phaseS
     const buckets = res.series.filter((b) => b.t >= from && b.t < to)
     const mean = (f: (b: typeof buckets[number]) => number) => buckets.reduce((sum, b) => sum + f(b), 0) / Math.max(1, buckets.length)
     const latencies = (s.oks ?? []).filter(([at]) => at >= from * 1000 && at < to * 1000).map(([, ms]) => ms)

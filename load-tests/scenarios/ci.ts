@@ -2,7 +2,8 @@ import { closedLoop } from '../closedloop.js'
 import { capacity, checkGate } from '../gate.js'
 import { progress, settingsBase as base, withTarget } from '../lab.js'
 import { openLoop } from '../openloop.js'
-import { cpuRun, cpuVariants } from './cpu.js'
+import { byPhase } from './adaptive.js'
+import { BOUND_MS, cpuRun, cpuVariants } from './cpu.js'
 import { printTable, stepSummary, type Table } from '../report.js'
 import type { ServerSettings } from '../server.js'
 import { runVariant } from './recycle.js'
@@ -52,7 +53,17 @@ export async function ci (): Promise<boolean> {
   const cpuPlugin = cpuVariants().find((v) => v.settings.variant === 'plugin')?.settings as ServerSettings
   progress('gate: CPU-bound route behind maxEventLoopDelay, capacity (4 connections, 3 s), then 5x in open loop (6 s)')
   const { result: cpu } = await cpuRun(cpuPlugin, 5, 6)
-  progress(`gate: CPU route capacity ${cpu.capacityPerS.toFixed(0)}/s, goodput at 5x ${cpu.goodputPerS.toFixed(0)}/s, 503 ${cpu.refused}, client timeouts ${cpu.timeouts}`)
+  progress(`gate: CPU route capacity ${cpu.capacityPerS.toFixed(0)}/s, goodput at 5x ${cpu.goodputPerS.toFixed(0)}/s, 503 ${cpu.refused}, client timeouts ${cpu.timeouts}, event-loop delay p99 ${cpu.serverEldP99.toFixed(1)} ms`)
+  // An adaptive limit, nothing else set, while the downstream's capacity
+  // steps down from 20 to 5 parallel calls.
+  const steps: Array<[number, number]> = [[0, 20], [6, 5]]
+  progress('gate: adaptive limit, downstream of 20 then 5 parallel calls of 50 ms, 1,200/s for 12 s')
+  const adaptivePhases = await withTarget({ ...base, variant: 'plugin', serviceTime: 50, downstreamConcurrency: 20, downstreamSchedule: steps, pluginOnly: true, plugin: { adaptive: true } }, async (target) => {
+    await target.reset()
+    const res = await openLoop({ url: `${target.origin}/work`, rate: 1200, durationS: 12, timeoutMs: 1000, connections: 2048 })
+    return byPhase(res, await target.stats(), steps, 6)
+  })
+  progress(`gate: adaptive ${adaptivePhases.map((p) => `N=${p.slots}: ${p.goodputPct.toFixed(1)}%, p99 ${p.p99Server.toFixed(0)} ms`).join('; ')}`)
   const checks = checkGate({
     ...settings,
     latencyMarginMs: 100,
@@ -62,7 +73,8 @@ export async function ci (): Promise<boolean> {
     // last byte: the client's figure adds its own queueing for a connection.
     overload: { goodputPerS: overload.goodputPerS, p99OkMs: serverP99, clientP99OkMs: overload.latencyOk.p99, errors: overload.errors, refused: overload.rejected, timeouts: overload.timeouts },
     maxTimeoutRatio: 0.01,
-    cpu: { capacityPerS: cpu.capacityPerS, goodputPerS: cpu.goodputPerS, minRatio: 0.6 },
+    cpu: { eventLoopDelayP99Ms: cpu.serverEldP99, boundMs: BOUND_MS, maxRatio: 1.5 },
+    adaptive: { goodputRatios: adaptivePhases.map((p) => p.goodputPct / 100), minRatio: 0.8 },
     moderate: { errors: moderate.errors, timeouts: moderate.timeouts, non2xx: Math.round(moderate.rejectedPerS * moderate.durationS) },
     minGoodputRatio: 0.9,
     storm: {
