@@ -354,23 +354,29 @@ export class Limiter {
     let waiter = this.#first()
     // One slot came back; more if the limit went up, none if it came down.
     while (waiter !== null && this.inFlight < this.limit) {
-      this.#unlink(waiter)
-      this.inFlight++
-      if (waiter.admit()) {
-        this.#admitted++
-        this.#admittedBy[waiter.level]++
-        const waited = performance.now() - waiter.enqueuedAt
-        this.#waitCount++
-        this.#waitTotal += waited
-        if (waited > this.#waitMax) this.#waitMax = waited
-        if (this.onWait !== null) this.onWait(waited)
-        if (this.inFlight > this.#peakInFlight) this.#peakInFlight = this.inFlight
-      } else {
-        this.inFlight--
-        this.#abandoned++
-      }
+      this.#admitFromQueue(waiter)
       waiter = this.#first()
     }
+  }
+
+  /** Gives a slot to a waiter taken off the queue; false if its client had left. */
+  #admitFromQueue (waiter: Waiter): boolean {
+    this.#unlink(waiter)
+    this.inFlight++
+    if (!waiter.admit()) {
+      this.inFlight--
+      this.#abandoned++
+      return false
+    }
+    this.#admitted++
+    this.#admittedBy[waiter.level]++
+    const waited = performance.now() - waiter.enqueuedAt
+    this.#waitCount++
+    this.#waitTotal += waited
+    if (waited > this.#waitMax) this.#waitMax = waited
+    if (this.onWait !== null) this.onWait(waited)
+    if (this.inFlight > this.#peakInFlight) this.#peakInFlight = this.inFlight
+    return true
   }
 
   /**
@@ -380,21 +386,7 @@ export class Limiter {
   grant (): boolean {
     let waiter = this.#first()
     while (waiter !== null) {
-      this.#unlink(waiter)
-      this.inFlight++
-      if (waiter.admit()) {
-        this.#admitted++
-        this.#admittedBy[waiter.level]++
-        const waited = performance.now() - waiter.enqueuedAt
-        this.#waitCount++
-        this.#waitTotal += waited
-        if (waited > this.#waitMax) this.#waitMax = waited
-        if (this.onWait !== null) this.onWait(waited)
-        if (this.inFlight > this.#peakInFlight) this.#peakInFlight = this.inFlight
-        return true
-      }
-      this.inFlight--
-      this.#abandoned++
+      if (this.#admitFromQueue(waiter)) return true
       waiter = this.#first()
     }
     return false

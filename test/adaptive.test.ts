@@ -228,7 +228,9 @@ t.test('plugin: an adaptive pool moves its limit; groups and routes take adaptiv
   const app = Fastify({ forceCloseConnections: true })
   t.teardown(() => app.close())
   await app.register(concurrencyLimit, {
-    adaptive: { initialConcurrency: 2 },
+    // A wide tolerance: on a loaded machine a 20 ms timer fires late, and
+    // this test is about the wiring, not the algorithm (adaptive-sim is).
+    adaptive: { initialConcurrency: 2, tolerance: 2 },
     maxConcurrency: 50,
     groups: { fixed: { adaptive: false, maxConcurrency: 3 }, other: { adaptive: { minConcurrency: 2 } } }
   })
