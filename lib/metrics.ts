@@ -16,6 +16,7 @@ export const METRICS = {
   max_queue: 'Requests the pool\'s queue holds at most now',
   requests_total: 'Requests that asked the pool for a slot, by result: admitted, queue_full, queue_timeout, closing or abandoned ' +
     '(the client left while queued); those still queued are not counted yet',
+  priority_requests_total: 'Requests of each priority class, by result: admitted, or rejected (any reason)',
   queue_wait_seconds: 'Time in the queue of the requests admitted from it',
   connections_open: 'Open connections counted against maxConnections',
   connections_refused_total: 'Connections refused over maxConnections'
@@ -123,6 +124,22 @@ export async function registerMetrics (
       this.reset()
       for (const s of pools.all()) {
         for (const [result, n] of results(s)) this.inc({ pool: s.name, result }, n)
+      }
+    }
+  })
+  // eslint-disable-next-line no-new
+  new client.Counter({
+    name: full('priority_requests_total'),
+    help: help('priority_requests_total'),
+    labelNames: ['pool', 'priority', 'result'],
+    registers,
+    collect () {
+      this.reset()
+      for (const s of pools.all()) {
+        for (const [priority, counts] of Object.entries(s.priority)) {
+          this.inc({ pool: s.name, priority, result: 'admitted' }, counts.admitted)
+          this.inc({ pool: s.name, priority, result: 'rejected' }, counts.rejected)
+        }
       }
     }
   })

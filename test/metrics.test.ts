@@ -41,8 +41,8 @@ t.test('the exposition matches stats() after admitted, queued, timed-out, full a
   t.same(
     [...m.types].filter(([name]) => name.startsWith(P)).sort(),
     [
-      [`${P}in_flight`, 'gauge'], [`${P}limit`, 'gauge'], [`${P}max_queue`, 'gauge'], [`${P}queue_wait_seconds`, 'histogram'],
-      [`${P}queued`, 'gauge'], [`${P}requests_total`, 'counter']
+      [`${P}in_flight`, 'gauge'], [`${P}limit`, 'gauge'], [`${P}max_queue`, 'gauge'], [`${P}priority_requests_total`, 'counter'],
+      [`${P}queue_wait_seconds`, 'histogram'], [`${P}queued`, 'gauge'], [`${P}requests_total`, 'counter']
     ],
     'the metrics and their types; no connection metrics without maxConnections')
   for (const name of Object.keys(METRICS).filter((n) => !n.startsWith('connections'))) {
@@ -96,6 +96,10 @@ t.test('the exposition matches stats() after admitted, queued, timed-out, full a
     t.equal(count('queue_timeout'), s.rejected.queueTimeout, `${s.name}: queue_timeout`)
     t.equal(count('closing'), s.rejected.closing, `${s.name}: closing`)
     t.equal(count('abandoned'), s.abandoned, `${s.name}: abandoned`)
+    for (const [priority, counts] of Object.entries(s.priority)) {
+      t.equal(valueOf(m, `${P}priority_requests_total`, { pool: s.name, priority, result: 'admitted' }), counts.admitted, `${s.name}: ${priority} admitted`)
+      t.equal(valueOf(m, `${P}priority_requests_total`, { pool: s.name, priority, result: 'rejected' }), counts.rejected, `${s.name}: ${priority} rejected`)
+    }
     t.equal(valueOf(m, `${P}queue_wait_seconds_count`, pool), s.queueWait.count, `${s.name}: waits counted`)
     t.ok(Math.abs((valueOf(m, `${P}queue_wait_seconds_sum`, pool) as number) - s.queueWait.meanMs * s.queueWait.count / 1000) < 1e-9,
       `${s.name}: waits summed`)
@@ -267,4 +271,48 @@ t.test('loading prom-client', async (t) => {
   const dir = t.testdir({ 'broken.mjs': 'import "no-such-dependency"\n' })
   await t.rejects(loadPromClient(pathToFileURL(join(dir, 'broken.mjs')).href), { message: /Cannot find package 'no-such-dependency'/ })
   await t.rejects(loadPromClient('data:text/javascript,throw new RangeError("broken")'), RangeError)
+})
+
+t.test('requests of each priority class are counted by result', async (t) => {
+  const registry = new Registry()
+  const gate = new Gauge()
+  const app = await build(t, { maxConcurrency: 1, maxQueue: 1, rejectDelay: 0, metrics: { registry } })
+  app.get('/checkout', { config: { concurrencyLimit: { priority: 'critical' } } }, async () => {
+    gate.enter()
+    await gate.wait()
+    return 'ok'
+  })
+  app.get('/prefetch', { config: { concurrencyLimit: { priority: 'sheddable' } } }, async () => 'ok')
+  const url = await listen(app)
+  const pool = client(t, url)
+  const priority = async (): Promise<Record<string, number | undefined>> => {
+    const m = await scrape(registry)
+    const out: Record<string, number | undefined> = {}
+    for (const level of ['critical', 'normal', 'sheddable']) {
+      for (const result of ['admitted', 'rejected']) {
+        out[`${level} ${result}`] = valueOf(m, `${P}priority_requests_total`, { pool: 'default', priority: level, result })
+      }
+    }
+    return out
+  }
+  t.same(await priority(), {
+    'critical admitted': 0, 'critical rejected': 0, 'normal admitted': 0, 'normal rejected': 0, 'sheddable admitted': 0, 'sheddable rejected': 0
+  }, 'every class is there at zero')
+
+  // A critical request holds the slot; a prefetch waits, and gives way to a second checkout.
+  const a = get(pool, '/checkout')
+  await waitFor(() => gate.current === 1, 2000, 'the first checkout in its handler')
+  const b = get(pool, '/prefetch')
+  await waitFor(() => app.concurrencyLimit.stats().queued === 1, 2000, 'the prefetch queued')
+  const c = get(pool, '/checkout')
+  t.equal((await b).statusCode, 503, 'the prefetch made room')
+  t.equal((await get(pool, '/prefetch')).statusCode, 503, 'a prefetch finds the queue full of a critical waiter')
+  gate.open()
+  t.equal((await a).statusCode, 200)
+  t.equal((await c).statusCode, 200)
+  t.same(await priority(), {
+    'critical admitted': 2, 'critical rejected': 0, 'normal admitted': 0, 'normal rejected': 0, 'sheddable admitted': 0, 'sheddable rejected': 2
+  })
+  t.same(app.concurrencyLimit.stats().priority, { critical: { admitted: 2, rejected: 0 }, normal: { admitted: 0, rejected: 0 }, sheddable: { admitted: 0, rejected: 2 } },
+    'the same as stats()')
 })

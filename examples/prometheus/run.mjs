@@ -155,7 +155,7 @@ async function main () {
   // 4. Every metric the plugin registers has data...
   const exposition = await (await fetch(`${origin}/metrics`)).text()
   const families = [...exposition.matchAll(/^# TYPE (\S+) (\S+)$/gm)].filter(([, name]) => name.startsWith(PREFIX))
-  check(families.length === 8, `the app exposes 8 metric families (${families.length})`)
+  check(families.length === 9, `the app exposes 9 metric families (${families.length})`)
   for (const [, name, type] of families) {
     for (const series of type === 'histogram' ? [`${name}_bucket`, `${name}_sum`, `${name}_count`] : [name]) {
       const result = await query(api, `count({__name__="${series}"})`, at)
