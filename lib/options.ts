@@ -372,9 +372,12 @@ function checkPool (where: string, value: Record<string, unknown>, warnings: str
   if (queueTimeout !== undefined) pool.queueTimeout = queueTimeout as number
   if (adaptive !== undefined) {
     pool.adaptive = checkAdaptive(where, adaptive)
-    const min = pool.adaptive === false ? undefined : pool.adaptive.minConcurrency
+    const { minConcurrency: min, initialConcurrency: initial } = pool.adaptive === false ? {} : pool.adaptive
     if (min !== undefined && pool.maxConcurrency !== undefined && min > pool.maxConcurrency) {
       fail(where, 'adaptive.minConcurrency', `<= maxConcurrency (${pool.maxConcurrency}), the ceiling of the limit`, min)
+    }
+    if (initial !== undefined && pool.maxConcurrency !== undefined && initial > pool.maxConcurrency) {
+      fail(where, 'adaptive.initialConcurrency', `<= maxConcurrency (${pool.maxConcurrency}), the ceiling of the limit`, initial)
     }
   }
   if (value.store !== undefined) pool.store = checkStore(where, value.store)
@@ -572,10 +575,14 @@ export function poolSettings (own: PoolOptions, plugin: PoolOptions): LimiterSet
     if (adaptive.minConcurrency > maxConcurrency) {
       throw new InvalidOptionError(`adaptive.minConcurrency must be <= maxConcurrency (${maxConcurrency}), the ceiling of the limit, received ${adaptive.minConcurrency}`)
     }
-    if (adaptive.initialConcurrency > maxConcurrency && (given as AdaptiveOptions).initialConcurrency !== undefined) {
-      throw new InvalidOptionError(`adaptive.initialConcurrency must be <= maxConcurrency (${maxConcurrency}), received ${adaptive.initialConcurrency}`)
+    // A start the pool sets itself must fit under its ceiling. One it
+    // inherits (the plugin's, for every pool) yields to a pool whose own
+    // maxConcurrency is lower: the pool's word is the more specific one.
+    const ownStart = (own.adaptive as AdaptiveOptions | undefined)?.initialConcurrency
+    if (ownStart !== undefined && ownStart > maxConcurrency) {
+      throw new InvalidOptionError(`adaptive.initialConcurrency must be <= maxConcurrency (${maxConcurrency}), received ${ownStart}`)
     }
-    // The default start, within the pool's bounds.
+    // The start within the pool's bounds.
     adaptive.initialConcurrency = Math.min(maxConcurrency, Math.max(adaptive.minConcurrency, adaptive.initialConcurrency))
   }
   return {

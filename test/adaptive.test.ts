@@ -205,6 +205,12 @@ t.test('options: adaptive is validated and filled in', async (t) => {
   t.match(poolSettings({ maxQueue: 3, adaptive: false }, plugin), { maxConcurrency: 100, maxQueue: 3, adaptive: null })
   t.throws(() => poolSettings({ adaptive: { minConcurrency: 20 } }, { maxConcurrency: 10 }), { message: /minConcurrency must be <= maxConcurrency \(10\)/ })
   t.throws(() => poolSettings({ adaptive: { initialConcurrency: 20 } }, { maxConcurrency: 10 }), { message: /initialConcurrency must be <= maxConcurrency \(10\), received 20/ })
+  t.match(poolSettings({ maxConcurrency: 1 }, { adaptive: { initialConcurrency: 1000 } }), { maxConcurrency: 1, adaptive: { initialConcurrency: 1 } },
+    'a start the pool inherits yields to its own lower ceiling')
+  t.match(poolSettings({ adaptive: { minConcurrency: 2 } }, { maxConcurrency: 4, adaptive: { initialConcurrency: 10 } }), { maxConcurrency: 4, adaptive: { initialConcurrency: 4 } },
+    'only the pool\'s own adaptive settings replace the plugin\'s whole: the start is the default, under the ceiling')
+  t.throws(() => resolveOptions({ maxConcurrency: 10, adaptive: { initialConcurrency: 20 } }), { message: /adaptive\.initialConcurrency must be <= maxConcurrency \(10\).*received 20/ })
+  t.throws(() => resolveRouteConfig('GET /', { maxConcurrency: 2, adaptive: { initialConcurrency: 3 } }, true), { message: /route GET \/: config\.concurrencyLimit\.adaptive\.initialConcurrency must be <= maxConcurrency \(2\)/ })
   const a = poolSettings({ adaptive: { tolerance: 0.5 } }, {})
   t.ok(samePool(a, poolSettings({ adaptive: { tolerance: 0.5 } }, {})))
   t.notOk(samePool(a, poolSettings({ adaptive: { tolerance: 0.4 } }, {})))
@@ -258,6 +264,18 @@ t.test('plugin: an adaptive pool moves its limit; groups and routes take adaptiv
   t.ok(stats.limit > 2, `the limit grew: ${stats.limit}`)
   t.ok((stats.adaptive?.baselineMs as number) >= 19, `baseline ${stats.adaptive?.baselineMs} ms`)
   t.equal(await get(port, '/fixed'), 200)
+})
+
+t.test('plugin: a route whose own ceiling is under the plugin\'s adaptive start starts at its ceiling', async (t) => {
+  const app = Fastify()
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, { adaptive: { initialConcurrency: 500 } })
+  app.get('/wide', async () => 'ok')
+  app.get('/narrow', { config: { concurrencyLimit: { maxConcurrency: 2 } } }, async () => 'ok')
+  await app.ready()
+  t.match(app.concurrencyLimit.stats(), { limit: 500, maxConcurrency: 1000 })
+  t.match(app.concurrencyLimit.pools().find((p) => p.name === 'GET /narrow'), { limit: 2, maxConcurrency: 2 })
+  t.equal((await app.inject('/narrow')).statusCode, 200)
 })
 
 t.test('plugin: requests whose client left, and errors, are not fast successes', async (t) => {
