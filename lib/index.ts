@@ -152,40 +152,33 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     const priority = levelOrPicker(resolved.priority ??
       (resolved.group === undefined ? undefined : options.groupPriorities.get(resolved.group)) ?? options.priority)
 
+    const admit = (request: FastifyRequest, reply: FastifyReply, done: Done, payload: unknown): void => {
+      const level = typeof priority === 'number' ? priority : levelOf(priority, request)
+      if (typeof level !== 'number') {
+        done(level)
+        return
+      }
+      const reason = admission.limiter.refuse(level)
+      if (reason === null) new Ticket(admission, request, reply, done, payload, level).start()
+      else {
+        reporter.refused(request, admission.limiter.name, reason)
+        rejecter.reject(admission.limiter, request, reply, reason)
+      }
+    }
     // Route-level hooks run after the instance's own hooks of the same stage;
     // ours goes first among them so that a refused request costs no more.
     // A request refused at once costs no allocation and no listener. The
     // hook's name is what route printouts show.
-    const admit = stage === 'preParsing'
+    const hook = stage === 'preParsing'
       ? function concurrencyLimit (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: Done): void {
-        const level = typeof priority === 'number' ? priority : levelOf(priority, request)
-        if (typeof level !== 'number') {
-          done(level)
-          return
-        }
-        const reason = admission.limiter.refuse(level)
-        if (reason === null) new Ticket(admission, request, reply, done, payload, level).start()
-        else {
-          reporter.refused(request, admission.limiter.name, reason)
-          rejecter.reject(admission.limiter, request, reply, reason)
-        }
+        admit(request, reply, done, payload)
       }
       : function concurrencyLimit (request: FastifyRequest, reply: FastifyReply, done: Done): void {
-        const level = typeof priority === 'number' ? priority : levelOf(priority, request)
-        if (typeof level !== 'number') {
-          done(level)
-          return
-        }
-        const reason = admission.limiter.refuse(level)
-        if (reason === null) new Ticket(admission, request, reply, done, undefined, level).start()
-        else {
-          reporter.refused(request, admission.limiter.name, reason)
-          rejecter.reject(admission.limiter, request, reply, reason)
-        }
+        admit(request, reply, done, undefined)
       }
     const existing = route[stage] as unknown
     const hooks = existing === undefined ? [] : Array.isArray(existing) ? existing : [existing]
-    ;(route as unknown as Record<HookName, unknown[]>)[stage] = [admit, ...hooks]
+    ;(route as unknown as Record<HookName, unknown[]>)[stage] = [hook, ...hooks]
     route.handler = limitHandler(route.handler as Handler, key, routeName) as RouteOptions['handler']
   })
 
