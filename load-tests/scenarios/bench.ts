@@ -10,6 +10,22 @@ export async function bench (): Promise<ScenarioResult> {
     { name: 'bare Fastify', settings: { ...base, variant: 'bare' }, path: '/hello' },
     { name: 'with the plugin', settings: { ...base, variant: 'plugin', maxConcurrency: 10_000, maxQueue: 0 }, path: '/hello' },
     { name: 'with the plugin and metrics', settings: { ...base, variant: 'plugin', maxConcurrency: 10_000, maxQueue: 0, metrics: true }, path: '/hello' },
+    // Below saturation: a limit far above the connections, that latency
+    // samples move. The lab's one-slot pool keeps a fixed limit.
+    {
+      name: 'with the plugin, adaptive',
+      settings: {
+        ...base,
+        variant: 'plugin',
+        maxConcurrency: 10_000,
+        maxQueue: 0,
+        plugin: {
+          adaptive: { initialConcurrency: 1000 },
+          groups: { saturated: { maxConcurrency: 1, maxQueue: 0, adaptive: false } }
+        }
+      },
+      path: '/hello'
+    },
     // The yardstick: what two empty hooks cost, measured the same way.
     { name: 'two empty hooks, no plugin', settings: { ...base, variant: 'bare', emptyHooks: true }, path: '/hello-hooks' }
   ]
