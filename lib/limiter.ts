@@ -2,7 +2,8 @@ import { performance } from 'node:perf_hooks'
 import type { AdaptiveState, Limit } from './limits/limit.js'
 import { FixedLimit } from './limits/fixed.js'
 import { GradientLimit } from './limits/gradient.js'
-import { LoopTurn } from './loop-turn.js'
+import { LoopAdmission } from './loop-admission.js'
+import type { LoopTurn } from './loop-turn.js'
 import type { StoreSettings } from './store/options.js'
 import type { StoreStats } from './store/redis.js'
 
@@ -149,9 +150,8 @@ export class Limiter {
   readonly settings: LimiterSettings
   readonly #limit: Limit
   readonly #queueFollowsLimit: boolean
-  /** The turn a request arrives in, and how long it may have run; null: no bound. */
-  readonly #turn: LoopTurn | null
-  readonly #maxLoopDelay: number
+  /** Event-loop-aware admission; null: no bound. */
+  readonly #loop: LoopAdmission | null
   readonly #source: PermitSource | null
 
   inFlight = 0
@@ -194,8 +194,8 @@ export class Limiter {
   /** Pools of one server share `turn`: there is one event loop. */
   constructor (name: string, settings: LimiterSettings, turn?: LoopTurn, source: ((limiter: Limiter) => PermitSource) | null = null) {
     this.name = name
-    this.#maxLoopDelay = settings.maxEventLoopDelay ?? 0
-    this.#turn = this.#maxLoopDelay > 0 ? turn ?? new LoopTurn() : null
+    const maxLoopDelay = settings.maxEventLoopDelay ?? 0
+    this.#loop = maxLoopDelay > 0 ? new LoopAdmission(maxLoopDelay, turn) : null
     this.settings = settings
     this.maxConcurrency = settings.maxConcurrency
     this.queueTimeout = settings.queueTimeout
@@ -226,10 +226,11 @@ export class Limiter {
    * it allocates anything for the request. Call it once per arrival.
    */
   refuse (level: Level = NORMAL): RejectReason | null {
-    // Work arriving in a turn that has already run past the bound would only
-    // lengthen it: every request, admitted or waiting in a socket buffer,
-    // waits for the turn to end. Refusing costs a small fraction of serving.
-    if (this.#turn !== null && !this.closing && this.#turn.arrive() > this.#maxLoopDelay * LOOP_DELAY_FACTOR[level]) {
+    // Work arriving in a turn that has already run past what the event loop
+    // can take would only lengthen it: every request, admitted or waiting in
+    // a socket buffer, waits for the turn to end. Refusing costs a small
+    // fraction of serving (lib/loop-admission.ts).
+    if (this.#loop !== null && !this.closing && this.#loop.refuse(LOOP_DELAY_FACTOR[level])) {
       this.#rejectedOverloaded++
       this.#rejectedBy[level]++
       return 'overloaded'

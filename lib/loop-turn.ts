@@ -23,6 +23,12 @@ export class LoopTurn {
   #arrivals = 0
   #immediate: NodeJS.Immediate | null = null
   readonly #now: () => number
+  /** Turns that ended with arrivals, plus quiet spells: a new value means a new turn to judge. */
+  turns = 0
+  /** How long the last counted turn ran (0 after a quiet spell). */
+  lastLength = 0
+  /** The clock's reading at the last arrival. */
+  at = 0
 
   constructor (now: () => number = () => performance.now()) {
     this.#now = now
@@ -31,8 +37,12 @@ export class LoopTurn {
   /** Milliseconds the current turn has run, counting a request that arrives now. */
   arrive (): number {
     const now = this.#now()
+    this.at = now
     this.#arrivals++
     if (this.#immediate === null) {
+      // After a quiet spell: the loop was free, a turn of no delay.
+      this.turns++
+      this.lastLength = 0
       this.#turnStart = now
       this.#immediate = setImmediate(this.#turnEnded)
       // An armed immediate must not keep a closing server's process alive.
@@ -49,7 +59,10 @@ export class LoopTurn {
       return
     }
     this.#arrivals = 0
-    this.#turnStart = this.#now()
+    const now = this.#now()
+    this.lastLength = now - this.#turnStart
+    this.turns++
+    this.#turnStart = now
     this.#immediate = setImmediate(this.#turnEnded)
     this.#immediate.unref()
   }

@@ -71,11 +71,11 @@ export interface PoolOptions {
   /** Milliseconds a request may wait in the queue before it is answered. Integer >= 0. Default 1000. */
   queueTimeout?: number
   /**
-   * Milliseconds the event loop may have been busy, without coming round,
-   * when a request of this pool arrives: past it, the request is refused at
-   * once (503, `FST_CONCURRENCY_LIMIT_OVERLOADED`), so that CPU-bound work
-   * cannot let the loop's delay grow without bound. Integer >= 0, 0 = off.
-   * Default 0.
+   * Event-loop delay, in milliseconds, that the pool sheds for: once the
+   * loop's turns have run longer than this for 100 ms, requests arriving
+   * late in a turn are refused at once (503, `FST_CONCURRENCY_LIMIT_OVERLOADED`)
+   * so that the turns stay near it; a single turn past twice this refuses
+   * too. For CPU-bound work. Integer >= 0, 0 = off. Default 0.
    */
   maxEventLoopDelay?: number
   /**

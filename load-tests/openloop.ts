@@ -25,6 +25,10 @@ export interface OpenLoopResult {
   timeouts: number
   errors: number
   latencyOk: Latency
+  /** Connections the generator opened: a client timeout closes its connection, the next request opens another. */
+  connectionsOpened: number
+  /** CPU seconds the generator used: on a shared machine, near a core means it, not the server, set the pace. */
+  generatorCpuS: number
   /** Event-loop lag of the generator itself: high values mean it, not the server, was the bottleneck. */
   generatorLagP99Ms: number
   /** Goodput per bucket, for recovery curves. */
@@ -33,6 +37,8 @@ export interface OpenLoopResult {
 
 export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResult> {
   const agent = new Agent({ connections: options.connections, pipelining: 1, keepAliveTimeout: 10_000 })
+  let connectionsOpened = 0
+  agent.on('connect', () => { connectionsOpened++ })
   const bucketS = options.bucketS ?? 1
   const buckets = Math.ceil(options.durationS / bucketS)
   const sentBy = new Array<number>(buckets).fill(0)
@@ -75,6 +81,7 @@ export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResul
     pending.add(p)
   }
 
+  const cpu = process.cpuUsage()
   const lag = monitorEventLoopDelay({ resolution: 5 })
   lag.enable()
   const start = performance.now()
@@ -93,6 +100,7 @@ export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResul
   }
   await Promise.all(pending)
   lag.disable()
+  const used = process.cpuUsage(cpu)
   await agent.destroy()
   const duration = options.durationS
   return {
@@ -104,6 +112,8 @@ export async function openLoop (options: OpenLoopOptions): Promise<OpenLoopResul
     timeouts,
     errors,
     latencyOk: summarize(latencies),
+    connectionsOpened,
+    generatorCpuS: (used.user + used.system) / 1e6,
     generatorLagP99Ms: lag.percentile(99) / 1e6,
     series: sentBy.map((sent, i) => ({ t: i * bucketS, offeredPerS: sent / bucketS, goodputPerS: okBy[i] / bucketS, rejectedPerS: rejectedBy[i] / bucketS, timeoutsPerS: timeoutsBy[i] / bucketS }))
   }

@@ -27,7 +27,13 @@ export interface CpuRun {
   timeouts: number
   clientP50: number
   clientP99: number
+  /** Arrival (onRequest) to the end of the answer, of 2xx answers: what the server adds. */
+  serverP99: number
   serverEldP99: number
+  /** Connections the generator opened: each client timeout closes one. */
+  connections: number
+  /** Generator CPU, in cores over the run. */
+  generatorCores: number
   generatorLagP99: number
   othersCores: number
 }
@@ -63,7 +69,10 @@ export async function cpuRun (settings: ServerSettings, multiple: number, durati
         timeouts: res.timeouts,
         clientP50: res.latencyOk.p50,
         clientP99: res.latencyOk.p99,
+        serverP99: s.okLatency.p99,
         serverEldP99: s.eventLoopDelayP99Ms,
+        connections: res.connectionsOpened,
+        generatorCores: res.generatorCpuS / durationS,
         generatorLagP99: res.generatorLagP99Ms
       },
       serverCpuS: s.cpuMicros / 1e6
@@ -86,7 +95,7 @@ export async function cpu (): Promise<ScenarioResult> {
         const key = `${multiple}|${v.name}`
         runs.set(key, [...(runs.get(key) ?? []), run])
         progress(`${what} ${r + 1}/${repeats}: capacity ${run.capacityPerS.toFixed(0)}/s, goodput ${run.goodputPct.toFixed(1)}%, 503 ${run.refused}, ` +
-          `timeouts ${run.timeouts}, p99 2xx ${run.clientP99.toFixed(1)} ms (client), ELD p99 ${run.serverEldP99.toFixed(1)} ms, generator lag p99 ${run.generatorLagP99.toFixed(1)} ms, others ${othersCores.toFixed(2)} cores`)
+          `timeouts ${run.timeouts}, p99 2xx ${run.clientP99.toFixed(1)} ms (client) ${run.serverP99.toFixed(1)} ms (server), connections ${run.connections}, ELD p99 ${run.serverEldP99.toFixed(1)} ms, generator lag p99 ${run.generatorLagP99.toFixed(1)} ms, generator ${run.generatorCores.toFixed(2)} cores, others ${othersCores.toFixed(2)} cores`)
       }
     }
   }
@@ -100,13 +109,13 @@ export async function cpu (): Promise<ScenarioResult> {
     for (const v of variants) {
       const key = `${multiple}|${v.name}`
       rows.push([`${multiple}x`, v.name, cell(key, 'capacityPerS', 0), cell(key, 'offeredPerS', 0), cell(key, 'goodputPerS', 0), cell(key, 'goodputPct'),
-        cell(key, 'refused', 0), cell(key, 'timeouts', 0), cell(key, 'clientP50'), cell(key, 'clientP99'), cell(key, 'serverEldP99'), cell(key, 'generatorLagP99'), cell(key, 'othersCores', 2)])
+        cell(key, 'refused', 0), cell(key, 'timeouts', 0), cell(key, 'clientP50'), cell(key, 'clientP99'), cell(key, 'serverP99'), cell(key, 'serverEldP99'), cell(key, 'connections', 0), cell(key, 'generatorLagP99'), cell(key, 'generatorCores', 2), cell(key, 'othersCores', 2)])
     }
   }
   const table: Table = {
     title: `CPU-bound route (${CPU_MS} ms of synchronous CPU per request; open loop, Poisson arrivals, ${timeoutMs} ms client timeout, ${CONNECTIONS} connections; ` +
       `capacity measured on each server by a closed loop of 4 connections; ${DURATION_S} s x ${repeats}${repeats === 1 ? '' : ', median (min-max)'})`,
-    columns: ['load', 'variant', 'capacity/s', 'offered/s', '2xx/s', '% of capacity', '503', 'client timeouts', 'p50 2xx ms (client)', 'p99 2xx ms (client)', 'ELD p99 ms (server)', 'generator lag p99 ms', 'other processes, cores'],
+    columns: ['load', 'variant', 'capacity/s', 'offered/s', '2xx/s', '% of capacity', '503', 'client timeouts', 'p50 2xx ms (client)', 'p99 2xx ms (client)', 'p99 2xx ms (server)', 'ELD p99 ms (server)', 'connections opened', 'generator lag p99 ms', 'generator, cores', 'other processes, cores'],
     rows
   }
   const series: Series[] = variants.map((v) => ({
