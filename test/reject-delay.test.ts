@@ -261,8 +261,9 @@ t.test('the brake, unit by unit', async (t) => {
       t.equal(delay.hold(limiter, request(socket), reply), true)
       holds.push(Math.round(socket[Object.getOwnPropertySymbols(socket)[0]].answeredAt - before))
     }
-    t.ok(holds[0] >= 999 && holds[0] <= 1001, `${holds[0]} ms`)
-    t.ok(holds[1] >= 750 && holds[1] <= 752, `${holds[1]} ms`)
+    // Measured from just before the call: a busy machine adds a few ms.
+    t.ok(holds[0] >= 999 && holds[0] <= 1050, `${holds[0]} ms`)
+    t.ok(holds[1] >= 750 && holds[1] <= 800, `${holds[1]} ms`)
     delay.drain()
   })
 
