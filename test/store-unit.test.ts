@@ -75,10 +75,6 @@ class TestWaiter implements Waiter {
   reject (reason: RejectReason): void {
     this.outcome = reason
   }
-
-  unavailable (): void {
-    this.outcome = 'unavailable'
-  }
 }
 
 function setup (store: Partial<StoreSettings> = {}, pool = { maxConcurrency: 2, maxQueue: 5, queueTimeout: 60_000 }) {
@@ -232,7 +228,7 @@ t.test("a call that times out counts as an error; 'refuse' refuses the waiters; 
   await tick()
   const call = redis.next()
   await waitFor(() => a.outcome !== null, 1000)
-  t.same([a.outcome, b.outcome], ['unavailable', 'unavailable'])
+  t.same([a.outcome, b.outcome], ['storeUnavailable', 'storeUnavailable'])
   t.match(limiter.stats().store, { available: false, errors: 1, refused: 2 })
   call.resolve([2, 2])
   await tick()
@@ -242,7 +238,7 @@ t.test("a call that times out counts as an error; 'refuse' refuses the waiters; 
   const c = new TestWaiter()
   limiter.enqueue(c)
   await tick()
-  t.equal(c.outcome, 'unavailable', 'refused at once while Redis is known down')
+  t.equal(c.outcome, 'storeUnavailable', 'refused at once while Redis is known down')
   // The probe (every 100 ms here) finds Redis back.
   await waitFor(() => redis.calls.length > 0, 1000, 'the probe')
   const probe = redis.next()
