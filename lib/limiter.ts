@@ -7,7 +7,7 @@ import type { LoopTurn } from './loop-turn.js'
 import type { StoreSettings } from './store/options.js'
 import type { StoreStats } from './store/redis.js'
 
-export type RejectReason = 'queueFull' | 'queueTimeout' | 'closing' | 'overloaded'
+export type RejectReason = 'queueFull' | 'queueTimeout' | 'closing' | 'overloaded' | 'storeUnavailable'
 
 /** Priority classes, most important first: an index into per-class state. */
 export const CRITICAL = 0
@@ -38,8 +38,6 @@ export interface Waiter {
   admit (): boolean
   /** The waiter leaves the queue without a slot. */
   reject (reason: RejectReason): void
-  /** The waiter leaves the queue because the pool's shared store failed (lib/store/). */
-  unavailable? (): void
 }
 
 /**
@@ -106,7 +104,8 @@ export interface LimiterStats {
   peakQueued: number
   admitted: number
   completed: number
-  rejected: { queueFull: number, queueTimeout: number, closing: number, overloaded: number }
+  /** Refusals by reason; `storeUnavailable`: a shared pool's store failed (onStoreError 'refuse'). */
+  rejected: { queueFull: number, queueTimeout: number, closing: number, overloaded: number, storeUnavailable: number }
   /** Admitted and refused requests (every reason) of each priority class. */
   priority: Record<PriorityName, { admitted: number, rejected: number }>
   abandoned: number
@@ -179,6 +178,7 @@ export class Limiter {
   #rejectedQueueTimeout = 0
   #rejectedClosing = 0
   #rejectedOverloaded = 0
+  #rejectedStoreUnavailable = 0
   #abandoned = 0
   #waitCount = 0
   #waitTotal = 0
@@ -413,8 +413,9 @@ export class Limiter {
     let waiter = this.#first()
     while (waiter !== null) {
       this.#unlink(waiter)
+      this.#rejectedStoreUnavailable++
       this.#rejectedBy[waiter.level]++
-      ;(waiter.unavailable as () => void).call(waiter)
+      waiter.reject('storeUnavailable')
       waiter = this.#first()
     }
   }
@@ -489,7 +490,8 @@ export class Limiter {
         queueFull: this.#rejectedQueueFull,
         queueTimeout: this.#rejectedQueueTimeout,
         closing: this.#rejectedClosing,
-        overloaded: this.#rejectedOverloaded
+        overloaded: this.#rejectedOverloaded,
+        storeUnavailable: this.#rejectedStoreUnavailable
       },
       priority: {
         critical: { admitted: this.#admittedBy[CRITICAL], rejected: this.#rejectedBy[CRITICAL] },

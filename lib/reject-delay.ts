@@ -1,6 +1,6 @@
 import { performance } from 'node:perf_hooks'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import type { Limiter } from './limiter.js'
+import type { Limiter, RejectReason } from './limiter.js'
 import { LoopLoad } from './loop-load.js'
 
 const kRefusals = Symbol('fastify-concurrency-limit.refusals')
@@ -32,7 +32,7 @@ interface Streak {
  */
 type Refusals = number | Streak
 
-type Answer = (limiter: Limiter, request: FastifyRequest, reply: FastifyReply) => void
+type Answer = (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, reason: RejectReason) => void
 
 /**
  * Slows clients that retry at once on the HTTP/1 connection they were
@@ -68,8 +68,8 @@ export class RejectDelay {
     load.onMisjudged = () => { this.#answerHeld() }
   }
 
-  /** Holds the refusal back; false if it must be answered now. */
-  hold (limiter: Limiter, request: FastifyRequest, reply: FastifyReply): boolean {
+  /** Holds the refusal back, to answer it for `reason` later; false if it must be answered now. */
+  hold (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, reason: RejectReason): boolean {
     // An HTTP/2 request's socket stands for its whole session, whose streams
     // run side by side: a streak there would hold back first tries. A stream
     // carries one request, so there is no connection of a retry to slow.
@@ -117,7 +117,7 @@ export class RejectDelay {
       this.size--
       limiter.heldRejections--
       // A client that left while held needs no answer.
-      if (!reply.raw.closed) this.#answer(limiter, request, reply)
+      if (!reply.raw.closed) this.#answer(limiter, request, reply, reason)
     }
     const timer = setTimeout(release, hold)
     this.#held.set(timer, release)

@@ -1,7 +1,7 @@
 import { STATUS_CODES } from 'node:http'
 import type { Http2ServerRequest } from 'node:http2'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import { ClosingError, InvalidOptionError, OverloadedError, QueueFullError, QueueTimeoutError } from './errors.js'
+import { ClosingError, InvalidOptionError, OverloadedError, QueueFullError, QueueTimeoutError, StoreUnavailableError } from './errors.js'
 import type { Limiter, RejectReason } from './limiter.js'
 import { MAX_RETRY_AFTER, type Rejection, type ResolvedOptions } from './options.js'
 import { RejectDelay } from './reject-delay.js'
@@ -15,8 +15,14 @@ const REASONS: Record<RejectReason, { code: string, message: string }> = {
   queueFull: codeAndMessage(QueueFullError),
   queueTimeout: codeAndMessage(QueueTimeoutError),
   closing: codeAndMessage(ClosingError),
-  overloaded: codeAndMessage(OverloadedError)
+  overloaded: codeAndMessage(OverloadedError),
+  storeUnavailable: codeAndMessage(StoreUnavailableError)
 }
+
+// A shared pool whose store failed asks it again within a second (see
+// store/redis.ts): the time the pool's own queue needs to drain says nothing
+// of when it will admit again.
+const STORE_RETRY_AFTER = 1
 
 const JSON_TYPE = 'application/json; charset=utf-8'
 
@@ -33,23 +39,29 @@ export class Rejecter {
   constructor (options: ResolvedOptions) {
     this.#options = options
     this.#delay = options.rejectDelay > 0
-      ? new RejectDelay(options.rejectDelay, options.maxHeldRejections, (limiter, request, reply) => this.answer(limiter, request, reply, 'queueFull'))
+      ? new RejectDelay(options.rejectDelay, options.maxHeldRejections, (limiter, request, reply, reason) => { this.answer(limiter, request, reply, reason) })
       : null
     const statusCode = options.statusCode
     const error = STATUS_CODES[statusCode] as string
     // Fastify's own error body, in its order.
     const body = (reason: RejectReason): string =>
       JSON.stringify({ statusCode, code: REASONS[reason].code, error, message: REASONS[reason].message })
-    this.#bodies = { queueFull: body('queueFull'), queueTimeout: body('queueTimeout'), closing: body('closing'), overloaded: body('overloaded') }
+    this.#bodies = {
+      queueFull: body('queueFull'),
+      queueTimeout: body('queueTimeout'),
+      closing: body('closing'),
+      overloaded: body('overloaded'),
+      storeUnavailable: body('storeUnavailable')
+    }
   }
 
   /**
-   * Refuses a request: at once, or, for a full queue while refusals saturate
-   * the event loop, after up to `rejectDelay` (a request refused for its
-   * queue timeout or for shutdown has waited enough).
+   * Refuses a request: at once, or, for a full queue or a failed store while
+   * refusals saturate the event loop, after up to `rejectDelay` (a request
+   * refused for its queue timeout or for shutdown has waited enough).
    */
   reject (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, reason: RejectReason): void {
-    if (reason === 'queueFull' && this.#delay !== null && this.#delay.hold(limiter, request, reply)) return
+    if ((reason === 'queueFull' || reason === 'storeUnavailable') && this.#delay !== null && this.#delay.hold(limiter, request, reply, reason)) return
     this.answer(limiter, request, reply, reason)
   }
 
@@ -65,7 +77,7 @@ export class Rejecter {
     if (typeof retryAfter === 'number') {
       seconds = retryAfter
     } else if (retryAfter === undefined) {
-      seconds = limiter.retryAfter()
+      seconds = reason === 'storeUnavailable' ? STORE_RETRY_AFTER : limiter.retryAfter()
     } else {
       rejection = describe(limiter, reason, statusCode)
       try {

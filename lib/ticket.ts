@@ -6,7 +6,6 @@ import { performance } from 'node:perf_hooks'
 import type { Reporter } from './diagnostics.js'
 import { IGNORE, SUCCESS, type Level, type Limiter, type Outcome, type RejectReason, type Waiter } from './limiter.js'
 import type { Rejecter } from './rejection.js'
-import { refuseUnavailable } from './store/refusal.js'
 
 const QUEUED = 0
 const ADMITTED = 1
@@ -191,11 +190,6 @@ export class Ticket implements Waiter {
     this.state = RELEASED
     this.admission.reporter.refused(this.request, this.admission.limiter.name, reason)
     this.admission.rejecter.reject(this.admission.limiter, this.request, this.reply, reason)
-  }
-
-  unavailable (): void {
-    this.state = RELEASED
-    refuseUnavailable(this.reply)
   }
 
   handlerStarted (result: PromiseLike<unknown>): void {

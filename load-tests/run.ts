@@ -14,7 +14,7 @@
 //   adaptive    an adaptive limit against a downstream whose capacity changes
 //   fleet       three instances sharing a group through Redis (needs redis-server): kill -9, Redis restart
 //   recycle     runCluster under keep-alive load with a leaking route: no recycling, maxRssMb, maxRequests
-//   all         every scenario above but bench, then the HTML report
+//   all         every scenario above but bench (fleet only if redis-server is on PATH), then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
 import { writeHtmlReport } from './report.js'
@@ -25,7 +25,7 @@ import { ci } from './scenarios/ci.js'
 import { cpu } from './scenarios/cpu.js'
 import { deadlock } from './scenarios/deadlock.js'
 import { explosion } from './scenarios/explosion.js'
-import { fleet } from './scenarios/fleet.js'
+import { fleet, redisServerAvailable } from './scenarios/fleet.js'
 import { goodput } from './scenarios/goodput.js'
 import { memory } from './scenarios/memory.js'
 import { pooledClient } from './scenarios/pooled-client.js'
@@ -96,6 +96,8 @@ switch (scenario) {
     save(await cpu())
     save(await priority())
     save(await adaptive())
+    if (redisServerAvailable()) save(await fleet())
+    else progress('fleet: skipped, redis-server is not on PATH (install Redis to run the fleet scenario)')
     progress(`report: ${writeHtmlReport(resultsDir)}`)
     break
   case 'report':

@@ -57,7 +57,7 @@ t.test('the dashboard reads only metrics, labels and results the plugin register
   const labels = new Set(exposition.samples.flatMap((s) => Object.keys(s.labels)))
   const results = new Set(exposition.samples.map((s) => s.labels.result).filter((r) => r !== undefined))
   t.same([...labels].sort(), ['le', 'pool', 'priority', 'result'])
-  t.same([...results].sort(), ['abandoned', 'admitted', 'closing', 'overloaded', 'queue_full', 'queue_timeout', 'rejected'])
+  t.same([...results].sort(), ['abandoned', 'admitted', 'closing', 'overloaded', 'queue_full', 'queue_timeout', 'rejected', 'store_unavailable'])
 
   const exprs = dashboard.panels.flatMap((panel) => panel.targets.map((target) => target.expr))
   t.ok(exprs.length >= 8, `${exprs.length} queries`)

@@ -216,7 +216,7 @@ t.test('the brake, unit by unit', async (t) => {
     const { delay, load } = brake()
     const socket: Record<symbol, unknown> = {}
     load.samples = 7
-    for (let i = 0; i < 3; i++) t.equal(delay.hold(limiter, request(socket), reply), false)
+    for (let i = 0; i < 3; i++) t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), false)
     t.same(Object.getOwnPropertySymbols(socket).map((key) => socket[key]), [7], 'the sample it was refused in')
     t.equal(load.sampling, true, 'the refusals are counted')
   })
@@ -226,14 +226,14 @@ t.test('the brake, unit by unit', async (t) => {
     const recent = {}
     const earlier = {}
     load.samples = 10
-    delay.hold(limiter, request(earlier), reply)
+    delay.hold(limiter, request(earlier), reply, 'queueFull')
     load.samples = 10 + RECENT_SAMPLES
-    delay.hold(limiter, request(recent), reply)
+    delay.hold(limiter, request(recent), reply, 'queueFull')
     load.samples += RECENT_SAMPLES
     load.engaged = true
-    t.equal(delay.hold(limiter, request(recent), reply), true, `refused ${RECENT_SAMPLES} samples before: a retry`)
-    t.equal(delay.hold(limiter, request(earlier), reply), false, `refused ${2 * RECENT_SAMPLES} samples before: a first try`)
-    t.equal(delay.hold(limiter, request(earlier), reply), true, 'and its retry is held')
+    t.equal(delay.hold(limiter, request(recent), reply, 'queueFull'), true, `refused ${RECENT_SAMPLES} samples before: a retry`)
+    t.equal(delay.hold(limiter, request(earlier), reply, 'queueFull'), false, `refused ${2 * RECENT_SAMPLES} samples before: a first try`)
+    t.equal(delay.hold(limiter, request(earlier), reply, 'queueFull'), true, 'and its retry is held')
     delay.drain()
     t.equal(answered.length, 2)
   })
@@ -242,7 +242,7 @@ t.test('the brake, unit by unit', async (t) => {
     const { delay, load } = brake()
     load.engaged = true
     const session = {}
-    for (let i = 0; i < 3; i++) t.equal(delay.hold(limiter, request(session, 2), reply), false)
+    for (let i = 0; i < 3; i++) t.equal(delay.hold(limiter, request(session, 2), reply, 'queueFull'), false)
     t.equal(load.sampling, false)
     t.same(Object.getOwnPropertySymbols(session), [])
   })
@@ -256,9 +256,9 @@ t.test('the brake, unit by unit', async (t) => {
     for (const random of [0, 0.999]) {
       Math.random = () => random
       const socket: Record<symbol, { answeredAt: number }> = {}
-      delay.hold(limiter, request(socket), reply)
+      delay.hold(limiter, request(socket), reply, 'queueFull')
       const before = performance.now()
-      t.equal(delay.hold(limiter, request(socket), reply), true)
+      t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), true)
       holds.push(Math.round(socket[Object.getOwnPropertySymbols(socket)[0]].answeredAt - before))
     }
     // Measured from just before the call: a busy machine adds a few ms.
@@ -272,12 +272,12 @@ t.test('the brake, unit by unit', async (t) => {
     load.engaged = true
     const sockets = [{}, {}]
     const requests = sockets.map((socket) => request(socket))
-    for (const req of requests) t.equal(delay.hold(limiter, req, reply), false, 'a first refusal is answered')
-    for (const req of requests) t.equal(delay.hold(limiter, req, reply), true, 'a repeated one is held')
+    for (const req of requests) t.equal(delay.hold(limiter, req, reply, 'queueFull'), false, 'a first refusal is answered')
+    for (const req of requests) t.equal(delay.hold(limiter, req, reply, 'queueFull'), true, 'a repeated one is held')
     t.equal(delay.size, 2)
     t.equal(limiter.heldRejections, 2)
     load.engaged = false
-    t.equal(delay.hold(limiter, requests[0], reply), false, 'released: even a repeated refusal is answered at once')
+    t.equal(delay.hold(limiter, requests[0], reply, 'queueFull'), false, 'released: even a repeated refusal is answered at once')
     t.same(answered, [])
     delay.drain()
     t.same(answered, requests)
@@ -290,8 +290,8 @@ t.test('the brake, unit by unit', async (t) => {
     const { delay, load, answered } = brake()
     load.engaged = true
     const req = request({})
-    delay.hold(limiter, req, reply)
-    t.equal(delay.hold(limiter, req, reply), true)
+    delay.hold(limiter, req, reply, 'queueFull')
+    t.equal(delay.hold(limiter, req, reply, 'queueFull'), true)
     load.onMisjudged?.()
     t.same(answered, [req])
     t.equal(delay.size, 0)

@@ -1,8 +1,10 @@
 import t, { type Test } from 'tap'
 import { performance } from 'node:perf_hooks'
 import Fastify, { type FastifyInstance } from 'fastify'
+import { Pool } from 'undici'
 import type { Redis } from 'ioredis'
-import concurrencyLimit, { type StoreOptions } from '../lib/index.js'
+import concurrencyLimit, { channels, type ConcurrencyLimitOptions, type RefuseMessage, type StoreOptions } from '../lib/index.js'
+import * as loopLoad from '../lib/loop-load.js'
 import { abortAfter, client, get, listen, sleep, waitFor } from './helpers/server.js'
 import { RedisServer } from './helpers/redis.js'
 
@@ -70,11 +72,14 @@ t.test('three instances sharing a group never run more than its maxConcurrency a
   t.equal(downstream.calls, 120)
   t.ok(downstream.peak <= 4, `peak at the downstream ${downstream.peak} <= 4`)
   t.equal(downstream.peak, 4, 'and the limit is used in full')
+  let handedOver = 0
   for (const { app } of instances) {
     const stats = app.concurrencyLimit.stats('renders')
     t.match(stats, { inFlight: 0, queued: 0, store: { leases: 0, available: true, errors: 0 } })
     t.equal(stats.completed, stats.admitted)
+    handedOver += stats.store?.handedOver ?? 0
   }
+  t.ok(handedOver > 0, `${handedOver} permits went straight to a waiter of the same instance`)
   t.equal(await leases(redis), 0, 'no lease left in Redis')
 })
 
@@ -313,6 +318,89 @@ t.test("onStoreError 'local' admits maxConcurrency / instances per instance whil
   t.equal((await get(c, '/render')).statusCode, 200)
   t.equal(await leases(redis), 0)
   t.match(a.app.concurrencyLimit.stats('renders'), { inFlight: 0, store: { leases: 0 } }, 'every permit given back')
+})
+
+/** An app whose group's Redis is gone (stopped), so that every request of it is refused for that. */
+async function storeDown (t: Test, options: ConcurrencyLimitOptions, plugin = concurrencyLimit): Promise<{ app: FastifyInstance, origin: string }> {
+  const server = await RedisServer.start(t)
+  const app = Fastify({ forceCloseConnections: true })
+  await app.register(plugin, {
+    global: false,
+    rejectDelay: 0,
+    ...options,
+    groups: { renders: { maxConcurrency: 2, queueTimeout: 2000, store: { redis: server.client(t), timeout: 150 } } }
+  })
+  app.get('/render', renders, async () => 'ok')
+  t.teardown(() => app.close())
+  const origin = await listen(app)
+  await server.stop()
+  return { app, origin }
+}
+
+t.test('a store-unavailable refusal is answered as every other refusal: statusCode, errorResponseBuilder, retryAfter, channels, stats', async (t) => {
+  const { app, origin } = await storeDown(t, {
+    statusCode: 429,
+    errorResponseBuilder: (_request, rejection) => ({ reason: rejection.reason, code: rejection.code, status: rejection.statusCode, retryAfter: rejection.retryAfter, pool: rejection.pool })
+  })
+  const refused: RefuseMessage[] = []
+  const onRefuse = (message: unknown): void => { refused.push(message as RefuseMessage) }
+  channels.refuse.subscribe(onRefuse)
+  t.teardown(() => { channels.refuse.unsubscribe(onRefuse) })
+  const c = client(t, origin)
+  for (let i = 0; i < 2; i++) {
+    const answer = await get(c, '/render')
+    t.equal(answer.statusCode, 429, 'the statusCode option')
+    t.equal(answer.headers['retry-after'], '1', 'Redis is asked again within a second')
+    t.same(JSON.parse(answer.body), { reason: 'storeUnavailable', code: 'FST_CONCURRENCY_LIMIT_STORE_UNAVAILABLE', status: 429, retryAfter: 1, pool: 'renders' }, 'the errorResponseBuilder option')
+  }
+  t.same(refused.map((m) => [m.pool, m.reason]), [['renders', 'storeUnavailable'], ['renders', 'storeUnavailable']], 'published on the refuse channel')
+  t.match(app.concurrencyLimit.stats('renders'), { rejected: { storeUnavailable: 2, queueFull: 0 }, store: { refused: 2, available: false } })
+
+  // The default body keeps the code, with the status the application chose.
+  const plain = await storeDown(t, { statusCode: 429, retryAfter: 7 })
+  const answer = await get(client(t, plain.origin), '/render')
+  t.equal(answer.statusCode, 429)
+  t.equal(answer.headers['retry-after'], '7', 'the retryAfter option')
+  t.same(JSON.parse(answer.body), {
+    statusCode: 429,
+    code: 'FST_CONCURRENCY_LIMIT_STORE_UNAVAILABLE',
+    error: 'Too Many Requests',
+    message: 'The shared concurrency limit is unavailable, retry later'
+  })
+})
+
+t.test('a retry storm against a pool whose Redis is down is braked as one against a full queue', async (t) => {
+  // A brake that finds the event loop saturated from the start (see reject-delay.test.ts).
+  class SaturatedLoad extends loopLoad.LoopLoad {
+    constructor () {
+      super()
+      this.engaged = true
+    }
+
+    override update (): void {}
+  }
+  const stormPlugin = (await t.mockImport<typeof import('../lib/index.js')>('../lib/index.js', {
+    '../lib/rejection.js': await t.mockImport('../lib/rejection.js', {
+      '../lib/reject-delay.js': await t.mockImport('../lib/reject-delay.js', {
+        '../lib/loop-load.js': { ...loopLoad, LoopLoad: SaturatedLoad }
+      })
+    })
+  })).default
+  const { origin } = await storeDown(t, { rejectDelay: 300 }, stormPlugin)
+  // Another client finds Redis down first: from then on, refusals come at once.
+  t.equal(JSON.parse((await get(client(t, origin), '/render')).body).code, 'FST_CONCURRENCY_LIMIT_STORE_UNAVAILABLE')
+  const c = new Pool(origin, { connections: 1, pipelining: 1 })
+  t.teardown(() => c.destroy())
+  const timings: number[] = []
+  for (let i = 0; i < 2; i++) {
+    const begin = performance.now()
+    const answer = await get(c, '/render')
+    timings.push(performance.now() - begin)
+    t.equal(answer.statusCode, 503)
+    t.equal(JSON.parse(answer.body).code, 'FST_CONCURRENCY_LIMIT_STORE_UNAVAILABLE', 'held, then answered with its own code')
+  }
+  t.ok(timings[0] < 150, `the first refusal on the connection at once (${timings[0].toFixed(0)} ms)`)
+  t.ok(timings[1] >= 220, `the repeated one held back (${timings[1].toFixed(0)} ms, rejectDelay 300)`)
 })
 
 t.test('a group with other store settings on a route is refused', async (t) => {

@@ -3,12 +3,13 @@
 // Open loop at a multiple of capacity, round-robin over the instances; then
 // one instance is killed (SIGKILL) with permits held; then Redis is killed
 // and restarted, once per onStoreError mode.
-import { fork, spawn, type ChildProcess } from 'node:child_process'
+import { fork, spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
 import { Redis } from 'ioredis'
@@ -26,6 +27,12 @@ const LEASE_MS = 2000
 const MULTIPLE = 5
 const CLIENT_TIMEOUT_MS = 2000
 const CAPACITY = LIMIT * 1000 / SERVICE_MS
+
+/** True if redis-server can be started from PATH (the scenario needs one). */
+export function redisServerAvailable (): boolean {
+  const probe = spawnSync('redis-server', ['--version'], { stdio: 'ignore' })
+  return probe.error === undefined && probe.status === 0
+}
 
 const serverPath = fileURLToPath(new URL('../fleet-server.js', import.meta.url))
 const downstreamPath = fileURLToPath(new URL('../fleet-downstream.js', import.meta.url))
@@ -128,6 +135,8 @@ interface LoadResult {
   timeouts: number
   errors: number
   latencyOk: Latency
+  /** Event-loop delay p99 of the generator: far above its 1 ms tick, it sent late. */
+  generatorLagP99Ms: number
 }
 
 /**
@@ -137,7 +146,9 @@ interface LoadResult {
  */
 async function openLoop (origins: () => string[], rate: number, durationS: number, at: Array<[number, () => Promise<void>]> = []): Promise<LoadResult> {
   const agent = new Agent({ connections: 1024, pipelining: 1, keepAliveTimeout: 10_000 })
-  const result: LoadResult = { offered: 0, ok: 0, goodputPerS: 0, refused: {}, timeouts: 0, errors: 0, latencyOk: { p50: 0, p99: 0, max: 0 } }
+  const result: LoadResult = { offered: 0, ok: 0, goodputPerS: 0, refused: {}, timeouts: 0, errors: 0, latencyOk: { p50: 0, p99: 0, max: 0 }, generatorLagP99Ms: 0 }
+  const lag = monitorEventLoopDelay({ resolution: 5 })
+  lag.enable()
   let okInWindow = 0
   const latencies: number[] = []
   const pending = new Set<Promise<void>>()
@@ -179,6 +190,8 @@ async function openLoop (origins: () => string[], rate: number, durationS: numbe
     }
     await sleep(1)
   }
+  lag.disable()
+  result.generatorLagP99Ms = lag.percentile(99) / 1e6
   await Promise.all([...pending, ...actions])
   await agent.destroy()
   result.latencyOk = summarize(latencies)
@@ -228,9 +241,11 @@ export async function fleet (): Promise<ScenarioResult> {
     const admittedBefore = await admittedBy()
     const heavy = await openLoop(() => live, CAPACITY * MULTIPLE, 6)
     const share = (await admittedBy()).map((n, i) => n - admittedBefore[i])
+    const handedOver = (await Promise.all(instances.map(async (i) => (await i.ask<{ pool: PoolStats }>('stats')).pool.store?.handedOver ?? 0)))
+      .reduce((a, b) => a + b, 0)
     const heavyPeak = await peak()
     const goodputPct = 100 * heavy.goodputPerS / CAPACITY
-    progress(`fleet ${MULTIPLE}x: goodput ${round(goodputPct)}% of ${CAPACITY}/s, downstream peak ${heavyPeak}, 503 ${refusals(heavy)}, timeouts ${heavy.timeouts}, admitted per instance ${share.join(' / ')}`)
+    progress(`fleet ${MULTIPLE}x: goodput ${round(goodputPct)}% of ${CAPACITY}/s, downstream peak ${heavyPeak}, 503 ${refusals(heavy)}, timeouts ${heavy.timeouts}, admitted per instance ${share.join(' / ')}, handed over locally ${handedOver}, generator lag p99 ${round(heavy.generatorLagP99Ms)} ms`)
 
     // 3. One instance killed (SIGKILL) with permits held, under the same load
     // on the two others: how long until the permits it held are free again.
@@ -298,6 +313,8 @@ export async function fleet (): Promise<ScenarioResult> {
         ['admission p50 at 0.3x (onRequest to handler, worst instance)', `${round(admissionP50, 2)} ms`, '<= 1 ms'],
         ['admission p99 at 0.3x', `${round(admissionP99, 2)} ms`, ''],
         [`requests admitted per instance at ${MULTIPLE}x (equal load each)`, share.join(' / '), 'about equal'],
+        [`permits handed straight to a waiter of the same instance at ${MULTIPLE}x`, handedOver, ''],
+        [`load generator's event-loop delay p99 at ${MULTIPLE}x`, `${round(heavy.generatorLagP99Ms)} ms`, 'near 1 ms: it sent on time'],
         ['leases of the killed instance', killedLeases, ''],
         ['their permits free again after', freedAfterMs < 0 ? 'not within the run' : `${round(freedAfterMs, 0)} ms`, `<= leaseMs + 1 s = ${LEASE_MS + 1000} ms`]
       ]
@@ -309,7 +326,7 @@ export async function fleet (): Promise<ScenarioResult> {
       machine,
       tables,
       charts: [],
-      data: { light, heavy, share, killed, killedLeases, freedAfterMs, admissions, restarts: restarts.map(({ mode, result, peak, pools }) => ({ mode, result, peak, store: pools.map((p) => p.store) })) }
+      data: { light, heavy, share, handedOver, killed, killedLeases, freedAfterMs, admissions, restarts: restarts.map(({ mode, result, peak, pools }) => ({ mode, result, peak, store: pools.map((p) => p.store) })) }
     }
   } finally {
     redis.disconnect()
