@@ -173,6 +173,41 @@ t.test('HTTP/1.1 pipelining: a request refused at its turn gets its 503 then; on
   t.equal(app.concurrencyLimit.stats().admitted, 1, 'only /held took a slot')
 })
 
+t.test('HTTP/1.1 pipelining: a request admitted at arrival but refused at its turn, when the pool filled meanwhile', async (t) => {
+  const app = await build(t, { maxConcurrency: 1, maxQueue: 0, rejectDelay: 0 })
+  const exempt = new Gauge()
+  const held = new Gauge()
+  let limitedRan = 0
+  app.get('/exempt', { config: { concurrencyLimit: false } }, async () => { exempt.enter(); await exempt.wait(); return 'x' })
+  app.get('/held', async () => { held.enter(); await held.wait(); return 'held' })
+  app.get('/limited', async () => { limitedRan++; return 'limited' })
+  const origin = await listen(app)
+  const pool = client(t, origin)
+
+  const socket = await rawSocket(origin)
+  let received = ''
+  socket.setEncoding('latin1')
+  socket.on('data', (chunk: string) => { received += chunk })
+  socket.write(pipelined('/exempt', '/limited'))
+  await waitFor(() => exempt.current === 1, 2000, '/exempt in its handler')
+  // /limited arrived with the pool free: it waits its turn behind /exempt.
+  await new Promise((resolve) => setImmediate(resolve))
+  const first = get(pool, '/held')
+  await waitFor(() => held.current === 1, 2000, '/held took the only slot')
+  t.match(app.concurrencyLimit.stats(), { inFlight: 1, rejected: { queueFull: 0 } }, 'nothing refused yet: /limited was let through at arrival')
+  exempt.open()
+  await waitFor(() => (received.match(/HTTP\/1\.1 \d+/g) ?? []).length === 2, 2000, 'two answers')
+  t.same(received.match(/HTTP\/1\.1 \d+/g), ['HTTP/1.1 200', 'HTTP/1.1 503'], 'refused at its turn: the pool had filled')
+  t.match(received, /FST_CONCURRENCY_LIMIT_QUEUE_FULL/)
+  t.equal(limitedRan, 0)
+  t.match(app.concurrencyLimit.stats(), { rejected: { queueFull: 1 } })
+  socket.destroy()
+  held.open()
+  t.equal((await first).statusCode, 200)
+  await drained(t, app)
+  t.equal(app.concurrencyLimit.stats().admitted, 1, 'only /held took a slot')
+})
+
 t.test('undici Client with pipelining, destroyed with requests in flight, leaks nothing', async (t) => {
   const app = await build(t, { maxConcurrency: 4, maxQueue: 4, queueTimeout: 5000 })
   app.get('/work', async (request) => {
