@@ -72,14 +72,11 @@ t.test('three instances sharing a group never run more than its maxConcurrency a
   t.equal(downstream.calls, 120)
   t.ok(downstream.peak <= 4, `peak at the downstream ${downstream.peak} <= 4`)
   t.equal(downstream.peak, 4, 'and the limit is used in full')
-  let handedOver = 0
   for (const { app } of instances) {
     const stats = app.concurrencyLimit.stats('renders')
     t.match(stats, { inFlight: 0, queued: 0, store: { leases: 0, available: true, errors: 0 } })
     t.equal(stats.completed, stats.admitted)
-    handedOver += stats.store?.handedOver ?? 0
   }
-  t.ok(handedOver > 0, `${handedOver} permits went straight to a waiter of the same instance`)
   t.equal(await leases(redis), 0, 'no lease left in Redis')
 })
 

@@ -4,7 +4,7 @@ import Fastify from 'fastify'
 import concurrencyLimit, { InvalidOptionError, StoreUnavailableError } from '../lib/index.js'
 import { Limiter, NORMAL, type RejectReason, type Waiter } from '../lib/limiter.js'
 import { checkStore, type RedisClient, type StoreSettings } from '../lib/store/options.js'
-import { HANDOFFS, RedisPermits } from '../lib/store/redis.js'
+import { RedisPermits } from '../lib/store/redis.js'
 import { sleep, waitFor } from './helpers/server.js'
 
 // The store's control flow, driven by a client whose every answer the test
@@ -173,49 +173,6 @@ t.test('waiters that arrive while Redis answers are asked for together; the queu
   redis.next().resolve([1, 2])
   await tick()
   t.equal(redis.next().args.length, 3, 'the lease for a waiter refused at close goes back')
-})
-
-t.test('a permit freed with waiters goes to the oldest, lease and all, HANDOFFS times in a row; then one goes back to Redis', async (t) => {
-  const { redis, limiter } = setup({}, { maxConcurrency: 1, maxQueue: 20, queueTimeout: 60_000 })
-  const waiters = Array.from({ length: HANDOFFS + 4 }, () => new TestWaiter())
-  for (const w of waiters) limiter.enqueue(w)
-  await tick()
-  const first = redis.next()
-  first.resolve([1, 1])
-  await tick()
-  t.equal(waiters[0].outcome, 'admitted')
-  t.equal(redis.calls.length, 0)
-  for (let i = 1; i <= HANDOFFS; i++) {
-    limiter.release()
-    t.equal(waiters[i].outcome, null, 'not inside release: on the next tick')
-    await tick()
-    t.equal(waiters[i].outcome, 'admitted', `hand-over ${i}`)
-    t.equal(redis.calls.length, 0, 'no call to Redis')
-  }
-  t.match(limiter.stats(), { inFlight: 1, store: { leases: 1, handedOver: HANDOFFS } })
-  // The next one goes back, for every instance to ask for.
-  limiter.release()
-  await tick()
-  const back = redis.next()
-  t.same(back.args.slice(1), ['fastify-concurrency-limit:p:freed', ids(first)[0]])
-  t.equal(waiters[HANDOFFS + 1].outcome, null)
-  back.resolve(1)
-  redis.subscriber.emit('message', 'fastify-concurrency-limit:p:freed', '1')
-  const again = redis.next()
-  t.equal(ids(again).length, 1)
-  again.resolve([1, 1])
-  await tick()
-  t.equal(waiters[HANDOFFS + 1].outcome, 'admitted', 'served through Redis')
-  // A new run of hand-overs; a waiter gone by the next tick leaves the lease to go back.
-  limiter.release()
-  await tick()
-  t.equal(waiters[HANDOFFS + 2].outcome, 'admitted')
-  waiters[HANDOFFS + 3].alive = false
-  limiter.release()
-  t.equal(redis.calls.length, 0)
-  await tick()
-  t.same(redis.next().args.slice(1), ['fastify-concurrency-limit:p:freed', ids(again)[0]], 'nobody to take it: it goes back')
-  t.match(limiter.stats(), { inFlight: 0, queued: 0, abandoned: 1, store: { leases: 0, handedOver: HANDOFFS + 1 } })
 })
 
 t.test('with no answer from Redis: a poll asks again, the held leases are renewed in one call', async (t) => {

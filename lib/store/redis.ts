@@ -18,21 +18,7 @@ export interface StoreStats {
   refused: number
   /** Requests admitted without a lease while Redis was unavailable ('allow' or 'local'). */
   unleased: number
-  /** Permits passed straight from a finished request to a local waiter, lease and all. */
-  handedOver: number
 }
-
-/**
- * How many permits in a row an instance may pass straight from a finished
- * request to one of its own waiters before it gives one back to Redis, for
- * every instance to ask for. A permit given back is idle for a round trip
- * to Redis, a message to every instance and another round trip; one handed
- * over is not idle at all. One in HANDOFFS + 1 still goes back, so an
- * instance that holds the fleet's permits cannot keep them from the others:
- * with P permits out, a fleet serving P / serviceTime requests a second
- * frees one for anyone every (HANDOFFS + 1) * serviceTime / P.
- */
-export const HANDOFFS = 3
 
 interface Script {
   lua: string
@@ -182,16 +168,10 @@ export class RedisPermits implements PermitSource {
   #pollTimer: NodeJS.Timeout | null = null
   #renewTimer: NodeJS.Timeout | null = null
 
-  /** Leases kept for waiters that get them on the next tick (see `released`). */
-  #reserved = 0
-  /** Permits handed over since one last went back to Redis. */
-  #inARow = 0
-
   #fleetInFlight = 0
   #errors = 0
   #refused = 0
   #unleased = 0
-  #handedOver = 0
 
   constructor (limiter: Limiter, settings: StoreSettings) {
     this.#limiter = limiter
@@ -240,17 +220,6 @@ export class RedisPermits implements PermitSource {
   }
 
   released (): void {
-    // The lease of the finished request goes to the oldest waiter here,
-    // unless this instance has handed over HANDOFFS in a row. Not inside
-    // this call: a release runs in the response's 'close' event, whose
-    // other listeners must run before new work starts in its place.
-    if (this.#mayHandOver()) {
-      this.#inARow++
-      this.#reserved++
-      process.nextTick(this.#handOver)
-      return
-    }
-    this.#inARow = 0
     // A permit admitted without a lease (Redis was down) goes first: the
     // leases then still count every request that holds one. A lease given
     // back is announced to every instance at once, this one included: its
@@ -260,26 +229,12 @@ export class RedisPermits implements PermitSource {
     if (this.#limiter.queued > 0) this.#pump()
   }
 
-  /** A lease is free here, a waiter wants it, and the others had their turn lately. */
-  #mayHandOver (): boolean {
-    const limiter = this.#limiter
-    return this.#available && this.#inARow < HANDOFFS && limiter.queued > this.#reserved &&
-      this.#held.length - this.#reserved > limiter.inFlight
-  }
-
-  #handOver = (): void => {
-    this.#reserved--
-    // The waiters may have left meanwhile: the lease then goes back.
-    if (this.#limiter.grant()) this.#handedOver++
-    else this.#trim()
-  }
-
   /**
    * Gives back the leases no running request needs, the oldest first (ids
-   * turn over), but those kept for a hand-over. True if it gave any back.
+   * turn over). True if it gave any back.
    */
   #trim (): boolean {
-    const surplus = this.#held.length - this.#reserved - this.#limiter.inFlight
+    const surplus = this.#held.length - this.#limiter.inFlight
     if (surplus <= 0) return false
     const ids = this.#held.splice(0, surplus)
     this.#call(RELEASE, [this.#channel, ...ids]).then(noop, this.#failed)
@@ -299,8 +254,7 @@ export class RedisPermits implements PermitSource {
       available: this.#available,
       errors: this.#errors,
       refused: this.#refused,
-      unleased: this.#unleased,
-      handedOver: this.#handedOver
+      unleased: this.#unleased
     }
   }
 
@@ -320,11 +274,10 @@ export class RedisPermits implements PermitSource {
       return
     }
     // Requests admitted without a lease while Redis was unavailable.
-    const running = limiter.inFlight - (this.#held.length - this.#reserved)
+    const running = limiter.inFlight - this.#held.length
     // Just back: the other instances put their running requests back first.
     const settling = this.#settleUntil > performance.now()
-    // Waiters a lease is kept for get it on the next tick.
-    const wanted = settling ? 0 : Math.min(limiter.queued, limiter.limit - limiter.inFlight) - this.#reserved
+    const wanted = settling ? 0 : Math.min(limiter.queued, limiter.limit - limiter.inFlight)
     if (wanted <= 0 && running <= 0) {
       if (settling && limiter.queued > 0) {
         this.#fallback()

@@ -241,11 +241,9 @@ export async function fleet (): Promise<ScenarioResult> {
     const admittedBefore = await admittedBy()
     const heavy = await openLoop(() => live, CAPACITY * MULTIPLE, 6)
     const share = (await admittedBy()).map((n, i) => n - admittedBefore[i])
-    const handedOver = (await Promise.all(instances.map(async (i) => (await i.ask<{ pool: PoolStats }>('stats')).pool.store?.handedOver ?? 0)))
-      .reduce((a, b) => a + b, 0)
     const heavyPeak = await peak()
     const goodputPct = 100 * heavy.goodputPerS / CAPACITY
-    progress(`fleet ${MULTIPLE}x: goodput ${round(goodputPct)}% of ${CAPACITY}/s, downstream peak ${heavyPeak}, 503 ${refusals(heavy)}, timeouts ${heavy.timeouts}, admitted per instance ${share.join(' / ')}, handed over locally ${handedOver}, generator lag p99 ${round(heavy.generatorLagP99Ms)} ms`)
+    progress(`fleet ${MULTIPLE}x: goodput ${round(goodputPct)}% of ${CAPACITY}/s, downstream peak ${heavyPeak}, 503 ${refusals(heavy)}, timeouts ${heavy.timeouts}, admitted per instance ${share.join(' / ')}, generator lag p99 ${round(heavy.generatorLagP99Ms)} ms`)
 
     // 3. One instance killed (SIGKILL) with permits held, under the same load
     // on the two others: how long until the permits it held are free again.
@@ -313,7 +311,6 @@ export async function fleet (): Promise<ScenarioResult> {
         ['admission p50 at 0.3x (onRequest to handler, worst instance)', `${round(admissionP50, 2)} ms`, '<= 1 ms'],
         ['admission p99 at 0.3x', `${round(admissionP99, 2)} ms`, ''],
         [`requests admitted per instance at ${MULTIPLE}x (equal load each)`, share.join(' / '), 'about equal'],
-        [`permits handed straight to a waiter of the same instance at ${MULTIPLE}x`, handedOver, ''],
         [`load generator's event-loop delay p99 at ${MULTIPLE}x`, `${round(heavy.generatorLagP99Ms)} ms`, 'near 1 ms: it sent on time'],
         ['leases of the killed instance', killedLeases, ''],
         ['their permits free again after', freedAfterMs < 0 ? 'not within the run' : `${round(freedAfterMs, 0)} ms`, `<= leaseMs + 1 s = ${LEASE_MS + 1000} ms`]
@@ -326,7 +323,7 @@ export async function fleet (): Promise<ScenarioResult> {
       machine,
       tables,
       charts: [],
-      data: { light, heavy, share, handedOver, killed, killedLeases, freedAfterMs, admissions, restarts: restarts.map(({ mode, result, peak, pools }) => ({ mode, result, peak, store: pools.map((p) => p.store) })) }
+      data: { light, heavy, share, killed, killedLeases, freedAfterMs, admissions, restarts: restarts.map(({ mode, result, peak, pools }) => ({ mode, result, peak, store: pools.map((p) => p.store) })) }
     }
   } finally {
     redis.disconnect()
