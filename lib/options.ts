@@ -560,27 +560,27 @@ export function resolveRouteConfig (route: string, config: unknown, global: bool
  * else the default. maxQueue defaults to the pool's maxConcurrency: by
  * Little's law a full queue then adds about one service time of waiting.
  */
-export function poolSettings (own: PoolOptions, plugin: PoolOptions): LimiterSettings {
+export function poolSettings (own: PoolOptions, plugin: PoolOptions, label = ''): LimiterSettings {
   const given = own.adaptive ?? plugin.adaptive ?? false
   const adaptive = given === false ? null : { ...DEFAULT_ADAPTIVE, ...given as AdaptiveOptions }
   // Checked by checkPool: the settings, filled in.
   const store = (own.store ?? plugin.store ?? null) as StoreSettings | null
   if (store !== null && adaptive !== null) {
-    throw new InvalidOptionError('store shares a fixed maxConcurrency between instances: it does not work with adaptive; set adaptive: false on the pool')
+    throw new InvalidOptionError(`${label}store shares a fixed maxConcurrency between instances: it does not work with adaptive; set adaptive: false on the pool`)
   }
   const maxConcurrency = own.maxConcurrency ?? plugin.maxConcurrency ??
     (adaptive === null ? DEFAULT_MAX_CONCURRENCY : DEFAULT_ADAPTIVE_MAX_CONCURRENCY)
   if (adaptive !== null) {
     // An adaptive limit starts and stays within [minConcurrency, maxConcurrency].
     if (adaptive.minConcurrency > maxConcurrency) {
-      throw new InvalidOptionError(`adaptive.minConcurrency must be <= maxConcurrency (${maxConcurrency}), the ceiling of the limit, received ${adaptive.minConcurrency}`)
+      throw new InvalidOptionError(`${label}adaptive.minConcurrency must be <= maxConcurrency (${maxConcurrency}), the ceiling of the limit, received ${adaptive.minConcurrency}`)
     }
     // A start the pool sets itself must fit under its ceiling. One it
     // inherits (the plugin's, for every pool) yields to a pool whose own
     // maxConcurrency is lower: the pool's word is the more specific one.
     const ownStart = (own.adaptive as AdaptiveOptions | undefined)?.initialConcurrency
     if (ownStart !== undefined && ownStart > maxConcurrency) {
-      throw new InvalidOptionError(`adaptive.initialConcurrency must be <= maxConcurrency (${maxConcurrency}), received ${ownStart}`)
+      throw new InvalidOptionError(`${label}adaptive.initialConcurrency must be <= maxConcurrency (${maxConcurrency}), received ${ownStart}`)
     }
     // The start within the pool's bounds.
     adaptive.initialConcurrency = Math.min(maxConcurrency, Math.max(adaptive.minConcurrency, adaptive.initialConcurrency))

@@ -27,7 +27,7 @@ export class Pools {
       if (name === DEFAULT_POOL) {
         throw new InvalidOptionError(`groups.${DEFAULT_POOL} is the plugin's own pool: set its options at the top level`)
       }
-      this.#add(name, group)
+      this.#add(name, group, `group "${name}": `)
     }
   }
 
@@ -43,9 +43,9 @@ export class Pools {
           throw new InvalidOptionError(`route ${route}: config.concurrencyLimit.group "${group}" is not defined; ` +
             `define it in the groups option${this.#options.groups.size > 0 ? ` (defined: ${[...this.#options.groups.keys()].join(', ')})` : ''}, or give the route its limits`)
         }
-        return this.#add(group, pool)
+        return this.#add(group, pool, `group "${group}": `)
       }
-      if (pool !== null && !samePool(existing.settings, poolSettings(pool, this.#options.pool))) {
+      if (pool !== null && !samePool(existing.settings, poolSettings(pool, this.#options.pool, `route ${route}: `))) {
         throw new InvalidOptionError(`route ${route}: config.concurrencyLimit sets other limits for group "${group}" than it already has; set them in one place`)
       }
       return existing
@@ -57,7 +57,7 @@ export class Pools {
     if (limiter === undefined) {
       let name = route
       for (let n = 2; this.#byName.has(name); n++) name = `${route} (${n})`
-      limiter = this.#add(name, pool)
+      limiter = this.#add(name, pool, `route ${route}: `)
       byUrl.set(url, limiter)
     }
     return limiter
@@ -83,8 +83,9 @@ export class Pools {
     this.#turn.stop()
   }
 
-  #add (name: string, own: PoolOptions): Limiter {
-    const settings = poolSettings(own, this.#options.pool)
+  /** `label` names the pool in an error about its settings. */
+  #add (name: string, own: PoolOptions, label = ''): Limiter {
+    const settings = poolSettings(own, this.#options.pool, label)
     const { store } = settings
     const limiter = new Limiter(name, settings, this.#turn, store == null ? null : (pool) => new RedisPermits(pool, store))
     this.#byName.set(name, limiter)

@@ -283,6 +283,18 @@ t.test('plugin: a route whose own ceiling is under the plugin\'s adaptive start 
   t.equal((await app.inject('/narrow')).statusCode, 200)
 })
 
+t.test('plugin: an error about a pool\'s adaptive settings names the pool', async (t) => {
+  const routeApp = Fastify()
+  t.teardown(() => routeApp.close())
+  await routeApp.register(concurrencyLimit, { adaptive: { minConcurrency: 50 } })
+  t.throws(() => routeApp.get('/narrow', { config: { concurrencyLimit: { maxConcurrency: 10 } } }, async () => 'ok'),
+    { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /route GET \/narrow: adaptive\.minConcurrency must be <= maxConcurrency \(10\).*received 50/ })
+  const groupApp = Fastify()
+  t.teardown(() => groupApp.close())
+  await t.rejects(async () => { await groupApp.register(concurrencyLimit, { adaptive: { minConcurrency: 50 }, groups: { small: { maxConcurrency: 10 } } }) },
+    { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /group "small": adaptive\.minConcurrency must be <= maxConcurrency \(10\)/ })
+})
+
 t.test('plugin: requests whose client left, and errors, are not fast successes', async (t) => {
   const app = Fastify({ forceCloseConnections: true })
   t.teardown(() => app.close())
