@@ -561,8 +561,11 @@ export function resolveRouteConfig (route: string, config: unknown, global: bool
  * Little's law a full queue then adds about one service time of waiting.
  */
 export function poolSettings (own: PoolOptions, plugin: PoolOptions, label = ''): LimiterSettings {
-  const given = own.adaptive ?? plugin.adaptive ?? false
-  const adaptive = given === false ? null : { ...DEFAULT_ADAPTIVE, ...given as AdaptiveOptions }
+  // A pool's own adaptive settings go over the plugin's, key by key: a route
+  // with `adaptive: true` takes the plugin's knobs, one with `{ tolerance }`
+  // changes that one knob.
+  const on = (own.adaptive ?? plugin.adaptive ?? false) !== false
+  const adaptive = on ? { ...DEFAULT_ADAPTIVE, ...knobs(plugin.adaptive), ...knobs(own.adaptive) } : null
   // Checked by checkPool: the settings, filled in.
   const store = (own.store ?? plugin.store ?? null) as StoreSettings | null
   if (store !== null && adaptive !== null) {
@@ -593,6 +596,11 @@ export function poolSettings (own: PoolOptions, plugin: PoolOptions, label = '')
     adaptive,
     ...(store === null ? {} : { store })
   }
+}
+
+/** The settings an `adaptive` option carries (`true`: none of its own). */
+function knobs (adaptive: boolean | AdaptiveOptions | undefined): AdaptiveOptions {
+  return typeof adaptive === 'object' ? adaptive : {}
 }
 
 export function samePool (a: LimiterSettings, b: LimiterSettings): boolean {

@@ -213,7 +213,13 @@ t.test('options: adaptive is validated and filled in', async (t) => {
   t.match(poolSettings({ maxConcurrency: 1 }, { adaptive: { initialConcurrency: 1000 } }), { maxConcurrency: 1, adaptive: { initialConcurrency: 1 } },
     'a start the pool inherits yields to its own lower ceiling')
   t.match(poolSettings({ adaptive: { minConcurrency: 2 } }, { maxConcurrency: 4, adaptive: { initialConcurrency: 10 } }), { maxConcurrency: 4, adaptive: { initialConcurrency: 4 } },
-    'only the pool\'s own adaptive settings replace the plugin\'s whole: the start is the default, under the ceiling')
+    'the pool\'s own adaptive settings go over the plugin\'s: the inherited start yields to the ceiling')
+  t.match(poolSettings({ adaptive: true }, { adaptive: { initialConcurrency: 30, minConcurrency: 5 } }), { adaptive: { initialConcurrency: 30, minConcurrency: 5, tolerance: 0.25 } },
+    'adaptive: true on a pool takes the plugin\'s knobs')
+  t.match(poolSettings({ adaptive: { tolerance: 0.5 } }, { adaptive: { initialConcurrency: 30 } }), { adaptive: { initialConcurrency: 30, tolerance: 0.5 } },
+    'a knob of the pool\'s own changes that knob only')
+  t.match(poolSettings({ adaptive: { tolerance: 0.5 } }, {}), { adaptive: { initialConcurrency: 20, tolerance: 0.5 } }, 'the defaults fill the rest')
+  t.equal(poolSettings({ adaptive: false }, { adaptive: { initialConcurrency: 30 } }).adaptive, null, 'adaptive: false on a pool turns it off')
   t.throws(() => resolveOptions({ maxConcurrency: 10, adaptive: { initialConcurrency: 20 } }), { message: /adaptive\.initialConcurrency must be <= maxConcurrency \(10\).*received 20/ })
   t.throws(() => resolveRouteConfig('GET /', { maxConcurrency: 2, adaptive: { initialConcurrency: 3 } }, true), { message: /route GET \/: config\.concurrencyLimit\.adaptive\.initialConcurrency must be <= maxConcurrency \(2\)/ })
   const a = poolSettings({ adaptive: { tolerance: 0.5 } }, {})

@@ -78,6 +78,11 @@ t.test('three instances sharing a group never run more than its maxConcurrency a
     t.equal(stats.completed, stats.admitted)
   }
   t.equal(await leases(redis), 0, 'no lease left in Redis')
+  // Redis's answer to each release says what is out across the fleet: the
+  // instance that gave back the last permit saw none left.
+  await waitFor(() => instances.some(({ app }) => app.concurrencyLimit.stats('renders').store?.fleetInFlight === 0), 2000,
+    'an instance that saw the fleet empty')
+  t.ok(instances.every(({ app }) => (app.concurrencyLimit.stats('renders').store?.fleetInFlight as number) < 4), 'none sees the fleet full')
 })
 
 t.test('a waiter is woken by a permit freed on another instance, without waiting for the poll', async (t) => {

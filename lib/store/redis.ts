@@ -62,11 +62,12 @@ return { added, count + added }
 
 /**
  * KEYS[1] leases; ARGV[1] the channel, ARGV[2..] lease ids. Removes them and
- * tells every instance that permits are free. Returns how many were held.
+ * tells every instance that permits are free. Returns how many were held,
+ * and the permits out across the fleet now.
  */
 const RELEASE = script(`local n = redis.call('ZREM', KEYS[1], unpack(ARGV, 2))
 if n > 0 then redis.call('PUBLISH', ARGV[1], n) end
-return n
+return { n, redis.call('ZCARD', KEYS[1]) }
 `)
 
 /**
@@ -237,8 +238,12 @@ export class RedisPermits implements PermitSource {
     const surplus = this.#held.length - this.#limiter.inFlight
     if (surplus <= 0) return false
     const ids = this.#held.splice(0, surplus)
-    this.#call(RELEASE, [this.#channel, ...ids]).then(noop, this.#failed)
+    this.#call(RELEASE, [this.#channel, ...ids]).then(this.#releasedAll, this.#failed)
     return true
+  }
+
+  #releasedAll = (reply: unknown): void => {
+    this.#fleetInFlight = (reply as [number, number])[1]
   }
 
   close (): void {
