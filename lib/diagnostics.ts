@@ -6,9 +6,9 @@ import type { LogLevel } from './options.js'
 /** What `request.concurrencyLimit` holds once a pool admitted the request. */
 export interface RequestConcurrencyLimit {
   /** The pool that admitted it. */
-  pool: string
+  readonly pool: string
   /** Milliseconds it waited in the pool's queue: 0 if admitted at once. */
-  queuedMs: number
+  readonly queuedMs: number
 }
 
 /** The message of each channel (see `channels`). */
@@ -40,8 +40,9 @@ function rounded (ms: number): number {
 /**
  * Tells the world what became of each request: the request's own
  * `concurrencyLimit` facts, Server-Timing, refusal logs and the diagnostics
- * channels. Each costs nothing unless it is asked for, except the facts on
- * the request (one small object per admitted request).
+ * channels. Each costs nothing unless it is asked for. The facts on the
+ * request are one frozen object per route for requests admitted at once,
+ * and one small object per request that waited.
  */
 export class Reporter {
   readonly #serverTiming: boolean
@@ -52,11 +53,15 @@ export class Reporter {
     this.#logRefusals = options.logRefusals
   }
 
-  admitted (request: FastifyRequest, reply: FastifyReply, pool: string, queuedMs: number): void {
-    const facts: RequestConcurrencyLimit = { pool, queuedMs: rounded(queuedMs) }
+  /** The facts of a request admitted after `queuedMs` in the queue. */
+  facts (pool: string, queuedMs: number): RequestConcurrencyLimit {
+    return { pool, queuedMs: rounded(queuedMs) }
+  }
+
+  admitted (request: FastifyRequest, reply: FastifyReply, facts: RequestConcurrencyLimit): void {
     request.concurrencyLimit = facts
-    if (this.#serverTiming) reply.header('server-timing', `queue;dur=${Math.round(queuedMs * 10) / 10}`)
-    if (channels.admit.hasSubscribers) channels.admit.publish({ request, pool, queuedMs: facts.queuedMs } satisfies AdmitMessage)
+    if (this.#serverTiming) reply.header('server-timing', `queue;dur=${Math.round(facts.queuedMs * 10) / 10}`)
+    if (channels.admit.hasSubscribers) channels.admit.publish({ request, pool: facts.pool, queuedMs: facts.queuedMs } satisfies AdmitMessage)
   }
 
   queued (request: FastifyRequest, pool: string): void {

@@ -23,7 +23,7 @@ import {
 import { registerMetrics } from './metrics.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
-import { Ticket, ticketOf, type Admission } from './ticket.js'
+import { closeListener, Ticket, ticketOf, type Admission } from './ticket.js'
 
 export type { ConnectionStats } from './connection-guard.js'
 export { channels } from './diagnostics.js'
@@ -130,6 +130,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
   // One key per registration: a request that passes through two of them
   // (one at the root, another in a child context) holds a ticket of each.
   const key = Symbol('fastify-concurrency-limit.ticket')
+  const onClose = closeListener(key)
   // Child contexts inherit it: a route sees the registration nearest to it.
   ;(fastify as unknown as Record<symbol, symbol>)[kNearest] = key
   const seen = new Set<string>()
@@ -147,7 +148,9 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     const resolved = resolveRouteConfig(routeName, config, options.global)
     if (resolved === null) return
     if (own) for (const warning of resolved.warnings) fastify.log.warn(warning)
-    const admission: Admission = { limiter: pools.forRoute(routeName, route.url, config as object, resolved), rejecter, key, reporter }
+    const limiter = pools.forRoute(routeName, route.url, config as object, resolved)
+    const atOnce = Object.freeze(reporter.facts(limiter.name, 0))
+    const admission: Admission = { limiter, rejecter, key, reporter, onClose, atOnce }
     const stage: HookName = resolved.hook ?? options.hook
     const priority = levelOrPicker(resolved.priority ??
       (resolved.group === undefined ? undefined : options.groupPriorities.get(resolved.group)) ?? options.priority)

@@ -3,7 +3,7 @@ import type { Http2Stream } from 'node:http2'
 import type { Socket } from 'node:net'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { performance } from 'node:perf_hooks'
-import type { Reporter } from './diagnostics.js'
+import type { Reporter, RequestConcurrencyLimit } from './diagnostics.js'
 import { IGNORE, SUCCESS, type Level, type Limiter, type Outcome, type RejectReason, type Waiter } from './limiter.js'
 import type { Rejecter } from './rejection.js'
 
@@ -27,6 +27,21 @@ export interface Admission {
   readonly rejecter: Rejecter
   readonly key: symbol
   readonly reporter: Reporter
+  /** The 'close' listener of the registration's tickets (see `closeListener`). */
+  readonly onClose: (this: object) => void
+  /** `request.concurrencyLimit` of a request admitted at once: the same for all. */
+  readonly atOnce: RequestConcurrencyLimit
+}
+
+/**
+ * One 'close' listener for every ticket of a registration: the response (or
+ * HTTP/2 stream) it listens on holds its ticket under the registration's
+ * key, so no request allocates a closure of its own.
+ */
+export function closeListener (key: symbol): (this: object) => void {
+  return function onClose (this: object): void {
+    (this as Record<symbol, Ticket>)[key].responseClose()
+  }
 }
 
 const kOpenTickets = Symbol('fastify-concurrency-limit.open-tickets')
@@ -49,9 +64,10 @@ type TrackedSocket = Socket & { [kOpenTickets]?: Set<Ticket> }
  *   (`abortIncoming`) but never emit their response's 'close' (Node 24
  *   does). A request takes its slot only once its response is attached (see
  *   `start`), but one waiting for its turn has its ticket too. The socket's
- *   own 'close' is emitted once for every connection, so the tickets of all
- *   requests open on a socket are kept in one set, with one listener per
- *   socket, and ended together when it closes.
+ *   own 'close' is emitted once for every connection, so the tickets of the
+ *   requests waiting for their turn on a socket are kept in one set, with
+ *   one listener per socket, and ended together when it closes; a ticket
+ *   leaves the set as its response is attached.
  * - HTTP/2: `request.raw.socket` stands for the whole session. Each request
  *   is a stream, and a stream is destroyed, and emits 'close' once, however
  *   it ends: a response sent, RST_STREAM from the client, the session
@@ -97,21 +113,16 @@ export class Ticket implements Waiter {
     // The client left while an earlier hook ran: there is no one to serve,
     // and no ending signal will come for it.
     if (this.gone()) return
+    const { key, onClose } = this.admission
     const res = this.reply.raw as ServerResponse & Record<symbol, unknown>
-    res[this.admission.key] = this
+    res[key] = this
     const stream = streamOf(this.request)
     if (stream !== undefined) {
-      stream.once('close', this.responseClose)
+      (stream as unknown as Record<symbol, unknown>)[key] = this
+      // 'close' comes once: `on` spares the wrapper that `once` allocates.
+      stream.on('close', onClose)
     } else {
-      res.once('close', this.responseClose)
-      const socket = this.request.raw.socket as TrackedSocket
-      let open = socket[kOpenTickets]
-      if (open === undefined) {
-        open = socket[kOpenTickets] = new Set()
-        socket.once('close', onSocketClose)
-      }
-      open.add(this)
-      this.#socketTickets = open
+      res.on('close', onClose)
       // HTTP/1.1 answers a connection's requests in order. A pipelined request
       // whose response waits behind another's (it has no socket yet) asks for
       // its slot when its turn comes: a slot held by a finished response that
@@ -120,10 +131,23 @@ export class Ticket implements Waiter {
       // So one connection holds at most one slot of a pool at a time.
       if (res.socket === null) {
         this.state = WAITING_TURN
+        // Until its response is attached, the request's end is seen only by
+        // the socket's 'close' (see the class comment).
+        const socket = this.request.raw.socket as TrackedSocket
+        let open = socket[kOpenTickets]
+        if (open === undefined) {
+          open = socket[kOpenTickets] = new Set()
+          socket.once('close', onSocketClose)
+        }
+        open.add(this)
+        this.#socketTickets = open
         // Node assigns the socket as the response ahead finishes, and emits
         // that response's 'close' (which releases its slot) on the next
-        // tick: ask after it.
-        res.once('socket', () => { process.nextTick(() => { this.#askInTurn() }) })
+        // tick: ask after it. From then on the response's own 'close' comes.
+        res.once('socket', () => {
+          this.#untrack()
+          process.nextTick(() => { this.#askInTurn() })
+        })
         return
       }
     }
@@ -152,7 +176,7 @@ export class Ticket implements Waiter {
     if (limiter.tryAcquire(this.level)) {
       if (limiter.adaptive) this.admittedAt = performance.now()
       this.state = ADMITTED
-      this.admission.reporter.admitted(this.request, this.reply, limiter.name, 0)
+      this.admission.reporter.admitted(this.request, this.reply, this.admission.atOnce)
       this.continue()
       return
     }
@@ -181,7 +205,7 @@ export class Ticket implements Waiter {
     const now = performance.now()
     if (limiter.adaptive) this.admittedAt = now
     this.state = ADMITTED
-    reporter.admitted(this.request, this.reply, limiter.name, now - this.enqueuedAt)
+    reporter.admitted(this.request, this.reply, reporter.facts(limiter.name, now - this.enqueuedAt))
     this.continue()
     return true
   }
@@ -201,12 +225,16 @@ export class Ticket implements Waiter {
     result.then(settled, settled)
   }
 
-  /** The request has ended (see the class comment). Safe to call more than once. */
-  readonly responseClose = (): void => {
-    if (this.responseClosed) return
-    this.responseClosed = true
+  #untrack (): void {
     this.#socketTickets?.delete(this)
     this.#socketTickets = null
+  }
+
+  /** The request has ended (see the class comment). Safe to call more than once. */
+  responseClose (): void {
+    if (this.responseClosed) return
+    this.responseClosed = true
+    this.#untrack()
     if (this.state === WAITING_TURN) {
       this.state = RELEASED
     } else if (this.state === QUEUED) {

@@ -1,6 +1,9 @@
 // A closed loop with autocannon: each connection sends its next request as
 // soon as the previous one is answered (a rejected request is retried at once).
 import autocannon from 'autocannon'
+import { fork } from 'node:child_process'
+import { once } from 'node:events'
+import { fileURLToPath } from 'node:url'
 
 export interface ClosedLoopResult {
   connections: number
@@ -30,4 +33,18 @@ export async function closedLoop (url: string, connections: number, durationS: n
     // autocannon's latency covers every answer, 2xx or not.
     latency: { p50: result.latency.p50, p99: result.latency.p99, max: result.latency.max }
   }
+}
+
+const childPath = fileURLToPath(new URL('./closedloop-child.js', import.meta.url))
+
+/**
+ * A closed loop from a process of its own: two of them at once load two
+ * servers without sharing one generator's event loop, which would hold
+ * both to the same rate.
+ */
+export async function closedLoopApart (url: string, connections: number, durationS: number): Promise<ClosedLoopResult> {
+  const child = fork(childPath, [JSON.stringify([url, connections, durationS])], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+  const [result] = await once(child, 'message') as [ClosedLoopResult]
+  if (child.exitCode === null) await once(child, 'exit')
+  return result
 }

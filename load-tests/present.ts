@@ -205,19 +205,26 @@ function rejectCost (r: ScenarioResult): Presented {
 }
 
 function bench (r: ScenarioResult): Presented {
-  const figures = r.data as Costs
+  const figures = r.data as Costs & Record<string, { referenceRps?: number[], referenceCpu?: number[] }>
   const names = Object.keys(figures)
   const bare = figures[names[0]]
-  const ratios = (n: string, k: 'rps' | 'cpu') => figures[n][k].map((x, i) => x / bare[k][i])
+  // Paired runs keep the reference measured beside each variant; earlier
+  // runs measured it apart, as the first variant.
+  const paired = bare.referenceRps !== undefined
+  const ratios = (n: string, k: 'rps' | 'cpu') => {
+    const reference = paired ? (k === 'rps' ? figures[n].referenceRps : figures[n].referenceCpu) as number[] : bare[k]
+    return figures[n][k].map((x, i) => x / reference[i])
+  }
+  const title = r.tables[0].title.replace(/medians of per-(round|pair) ratios/, (_, unit: string) => `median (min-max, n runs) of per-${unit} ratios`)
   return {
     tables: [{
-      title: r.tables[0].title.replace('medians of per-round ratios', 'median (min-max, n runs) of per-round ratios'),
+      title,
       columns: ['variant', 'req/s', 'server CPU µs/req', 'req/s ratio', 'CPU/req ratio'],
       rows: names.map((n, i) => [n, formatSpread(spread(figures[n].rps), 0), formatSpread(spread(figures[n].cpu), 2),
-        i === 0 ? '1 (reference)' : formatSpread(spread(ratios(n, 'rps')), 3), i === 0 ? '1 (reference)' : formatSpread(spread(ratios(n, 'cpu')), 3)])
+        i === 0 && !paired ? '1 (reference)' : formatSpread(spread(ratios(n, 'rps')), 3), i === 0 && !paired ? '1 (reference)' : formatSpread(spread(ratios(n, 'cpu')), 3)])
     }],
     charts: [costBars('Server CPU per hello-world request', figures)],
-    notes: []
+    notes: paired ? ['Each variant ran at the same time as bare Fastify, each server with a generator of its own; ratios are per pair. The A/A row is bare Fastify beside itself: ratios within its spread are noise.'] : []
   }
 }
 

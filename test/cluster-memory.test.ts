@@ -11,7 +11,9 @@ t.test('recycles once RSS passes maxRssMb', async (t) => {
   // requests whatever the idle RSS of a worker under the loader.
   const cluster = startCluster(t, { workers: 1, maxRssMb: 400, statsInterval: 50, drainTimeout: 5000, logger: undefined }, { leakBytes: 8 * 1024 * 1024 })
   const origin = await ready(cluster)
-  const client = new Pool(origin, { connections: 2 })
+  // Bounded waits: a request that hangs across the recycle must fail with
+  // a message in `failures`, not time the file out.
+  const client = new Pool(origin, { connections: 2, headersTimeout: 20_000, bodyTimeout: 20_000 })
   t.teardown(() => client.destroy())
   const failures: string[] = []
   const pids: number[] = []
@@ -30,8 +32,7 @@ t.test('recycles once RSS passes maxRssMb', async (t) => {
   t.ok((event as unknown as { rssBytes: number }).rssBytes > 400 * 1024 * 1024, 'its RSS was over the limit')
   t.equal(event.stats.recycles.memory, 1)
   t.same(failures, [])
-  // Served by the replacement now, on a new connection (a bounded wait:
-  // a hang must fail with a message, not time the file out).
+  // Served by the replacement now, on a new connection.
   const fresh = new Pool(origin, { headersTimeout: 20_000, bodyTimeout: 20_000 })
   t.teardown(() => fresh.destroy())
   const response = await fresh.request({ method: 'GET', path: '/' })

@@ -69,8 +69,22 @@ t.test('diagnostics channels tell each request\'s way through the pool', async (
   const factsOf = new Map(facts)
   t.same(factsOf.get('/a'), { pool: 'default', queuedMs: 0 })
   t.same(factsOf.get('/e'), { pool: 'default', queuedMs: waited })
+  t.ok(Object.isFrozen(factsOf.get('/a')), 'admitted at once: the route\'s shared facts, read-only')
   t.equal(factsOf.get('/b'), null, 'a refused request was never admitted')
   t.equal(factsOf.get('/c'), null)
+})
+
+t.test('requests of a route admitted at once share one read-only facts object; a queued one has its own', async (t) => {
+  const app = await build(t, { maxConcurrency: 1, maxQueue: 1, rejectDelay: 0 })
+  const seen: Array<RequestConcurrencyLimit | null> = []
+  app.get('/', async (request) => { seen.push(request.concurrencyLimit); await new Promise((resolve) => setTimeout(resolve, 20)); return 'ok' })
+  await app.inject('/')
+  await app.inject('/')
+  t.equal(seen[0], seen[1], 'the same object')
+  t.throws(() => { (seen[0] as { queuedMs: number }).queuedMs = 5 }, TypeError, 'frozen: a handler cannot change what others read')
+  await Promise.all([app.inject('/'), app.inject('/')])
+  t.not(seen[3], seen[0], 'one that waited has facts of its own')
+  t.ok((seen[3]?.queuedMs as number) > 0)
 })
 
 t.test('nothing is published without subscribers', async (t) => {

@@ -69,6 +69,33 @@ t.test('HTTP/1.1 pipelining: a connection holds one slot at a time; requests wai
   t.same(statuses, [200, 200, 200], 'the whole pool is free again')
 })
 
+t.test('HTTP/1.1 pipelining: a request waiting its turn whose response also says it closed (as Node 24 does) ends once', async (t) => {
+  const app = await build(t, { maxConcurrency: 2, maxQueue: 0 })
+  const gauge = new Gauge()
+  const waiting: Array<{ emit: (event: string) => boolean }> = []
+  app.addHook('onRequest', async (request, reply) => { if (request.url === '/fast') waiting.push(reply.raw) })
+  app.get('/slow', async () => { await gauge.wait(); return 'slow' })
+  app.get('/fast', async () => 'fast')
+  const origin = await listen(app)
+  const socket = await rawSocket(origin)
+  socket.write(pipelined('/slow', '/fast', '/fast'))
+  await waitFor(() => app.concurrencyLimit.stats().inFlight === 1 && waiting.length === 2)
+  socket.destroy()
+  await sleep(30) // the server sees the client leave before /slow answers
+  gauge.open()
+  await drained(t, app)
+  const before = app.concurrencyLimit.stats()
+  // Node 20 and 22 emit nothing more for these responses: the socket's
+  // 'close' ended their tickets. Node 24 emits each one's 'close' as well.
+  for (const res of waiting) res.emit('close')
+  await sleep(20)
+  const after = app.concurrencyLimit.stats()
+  t.same([after.inFlight, after.queued, after.admitted, after.completed, after.abandoned], [before.inFlight, before.queued, before.admitted, before.completed, before.abandoned], 'a second ending signal changes nothing')
+  t.equal(after.admitted, 1, 'only /slow was admitted')
+  const statuses = await Promise.all([1, 2].map(async () => (await get(client(t, origin), '/fast')).statusCode))
+  t.same(statuses, [200, 200], 'both slots are free')
+})
+
 t.test('HTTP/1.1 pipelining behind an exempt route cannot lock the pool', async (t) => {
   const app = await build(t, { maxConcurrency: 2, maxQueue: 0, queueTimeout: 100 })
   const gauge = new Gauge()

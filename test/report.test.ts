@@ -139,6 +139,18 @@ t.test('bench: spreads of rates, costs and per-round ratios', async (t) => {
   t.match(svgChart(empty.charts[0]), /no answers/)
 })
 
+t.test('bench, paired: each ratio against the reference measured beside it', async (t) => {
+  const figures = {
+    'bare (A/A)': { rps: [100, 90], cpu: [10, 11], referenceRps: [100, 100], referenceCpu: [10, 10] },
+    plugin: { rps: [95, 80], cpu: [11, 12], referenceRps: [100, 100], referenceCpu: [10, 10] }
+  }
+  const view = present(result('bench', figures, [{ title: 'medians of per-pair ratios', columns: [], rows: [] }]))
+  t.match(view.tables[0].title, /median \(min-max, n runs\) of per-pair ratios/)
+  t.same(view.tables[0].rows[0].slice(3), ['0.950 (0.900–1.000, n=2)', '1.050 (1.000–1.100, n=2)'], 'the A/A row shows its noise, not 1')
+  t.same(view.tables[0].rows[1].slice(3), ['0.875 (0.800–0.950, n=2)', '1.150 (1.100–1.200, n=2)'])
+  t.match(view.notes[0], /A\/A/)
+})
+
 t.test('memory and backlog get charts; a missing counter is no data, not 0', async (t) => {
   const memory = present(result('memory', [{ connections: 1000, state: 'idle', liveKiBPerConnection: 3.4 }, { connections: 4000, state: 'idle', liveKiBPerConnection: 3 }], [{ title: 'm', columns: [], rows: [] }]))
   t.equal(memory.charts.length, 1)
