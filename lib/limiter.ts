@@ -47,7 +47,7 @@ export interface Waiter {
  * head through `grant()`.
  */
 export interface PermitSource {
-  /** A waiter joined the queue. */
+  /** A waiter joined the queue, or the last one left it without a permit. */
   wake (): void
   /** A permit of the pool came back (`inFlight` is already one lower). */
   released (): void
@@ -315,6 +315,7 @@ export class Limiter {
   abandon (waiter: Waiter): void {
     if (!this.#unlink(waiter)) return
     this.#abandoned++
+    if (this.queued === 0) this.#source?.wake()
   }
 
   /**
@@ -549,5 +550,6 @@ export class Limiter {
       if (waiter !== null && waiter.deadline < next) next = waiter.deadline
     }
     if (next !== Infinity) this.#arm(next, now)
+    else this.#source?.wake()
   }
 }

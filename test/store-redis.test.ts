@@ -4,7 +4,10 @@ import Fastify, { type FastifyInstance } from 'fastify'
 import { Pool } from 'undici'
 import type { Redis } from 'ioredis'
 import concurrencyLimit, { channels, type ConcurrencyLimitOptions, type RefuseMessage, type StoreOptions } from '../lib/index.js'
+import { Limiter, NORMAL, type RejectReason, type Waiter } from '../lib/limiter.js'
 import * as loopLoad from '../lib/loop-load.js'
+import { checkStore } from '../lib/store/options.js'
+import { RedisPermits } from '../lib/store/redis.js'
 import { abortAfter, client, get, listen, sleep, waitFor } from './helpers/server.js'
 import { RedisServer } from './helpers/redis.js'
 
@@ -417,4 +420,152 @@ t.test('a group with other store settings on a route is refused', async (t) => {
     { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /other limits for group "renders"/ }, 'a route cannot drop the store of its group')
   app.get('/b', { config: { concurrencyLimit: { group: 'renders', maxConcurrency: 2, store: { redis } } } }, async () => 'b')
   t.equal((await app.inject('/b')).body, 'b', 'the same settings join the group')
+})
+
+t.test('instances with equal load get equal shares of a small pool: free permits go by turns kept in Redis', async (t) => {
+  const server = await RedisServer.start(t)
+  const redis = server.client(t)
+  const downstream = new Downstream()
+  const instances: Instance[] = []
+  for (let i = 0; i < 2; i++) {
+    instances.push(await instance(t, { redis: server.client(t) }, { maxConcurrency: 4, maxQueue: 8, queueTimeout: 2000 }, (app) => {
+      app.get('/render', renders, async () => { await downstream.call(20); return 'ok' })
+    }))
+  }
+  // Six clients per instance, each sending its next request when the last is answered.
+  const served = [0, 0]
+  const end = performance.now() + 2000
+  await Promise.all(instances.flatMap(({ origin }, i) => {
+    const c = client(t, origin, 6)
+    return Array.from({ length: 6 }, async () => {
+      while (performance.now() < end) {
+        if ((await get(c, '/render')).statusCode === 200) served[i]++
+      }
+    })
+  }))
+  const share = served[0] / (served[0] + served[1])
+  // Without turns, the instance that tends to ask first kept about 70% of the permits.
+  t.ok(share >= 0.4 && share <= 0.6, `served ${served.join(' / ')}: ${(100 * share).toFixed(0)}% to the first, between 40 and 60%`)
+  t.ok(downstream.peak <= 4, `peak at the downstream ${downstream.peak} <= 4`)
+  // Goodput: 4 permits of 20 ms for 2 s is 400 at most.
+  t.ok(served[0] + served[1] >= 200, `${served[0] + served[1]} served`)
+  for (const { app } of instances) await app.close()
+  t.same(await redis.keys('*'), [], 'no key left in Redis once both are closed')
+})
+
+t.test("a dead instance's turn holds the pool no longer than three poll intervals", async (t) => {
+  const server = await RedisServer.start(t)
+  const redis = server.client(t)
+  const leaseMs = 400 // a poll every 100 ms: a waiting instance not heard from for 300 ms is dead
+  const a = await instance(t, { redis: server.client(t), leaseMs }, { maxConcurrency: 1, queueTimeout: 5000 }, (app) => {
+    app.get('/render', renders, async () => 'a')
+  })
+  // An instance that was waiting for a permit, heard from just now, first in turn, and dead.
+  const [seconds, micros] = await redis.time()
+  await redis.zadd('fastify-concurrency-limit:renders:turns', 0, 'dead:')
+  await redis.zadd('fastify-concurrency-limit:renders:seen', Number(seconds) * 1000 + Math.floor(Number(micros) / 1000), 'dead:')
+  const begin = performance.now()
+  const answer = await get(client(t, a.origin), '/render')
+  const waited = performance.now() - begin
+  t.equal(answer.statusCode, 200)
+  t.ok(waited >= 200, `the free permit was kept for the dead instance's turn at first (${waited.toFixed(0)} ms)`)
+  t.ok(waited <= 300 + 100 + 150, `and given to a live one within a poll of its staleness: ${waited.toFixed(0)} ms`)
+  t.equal(await leases(redis), 0)
+  t.same(await redis.keys('*'), [], 'the dead turn is gone, and so is the live one that was served')
+})
+
+t.test('an instance whose waiters are gone gives up its turn at once', async (t) => {
+  const server = await RedisServer.start(t)
+  const redis = server.client(t)
+  let release = (): void => {}
+  const held = new Promise<void>((resolve) => { release = resolve })
+  t.teardown(release)
+  const a = await instance(t, { redis: server.client(t) }, { maxConcurrency: 1 }, (app) => {
+    app.get('/render', renders, async () => { await held; return 'a' })
+  })
+  const b = await instance(t, { redis: server.client(t) }, { maxConcurrency: 1, queueTimeout: 300 }, (app) => {
+    app.get('/render', renders, async () => 'b')
+  })
+  const first = get(client(t, a.origin), '/render')
+  await waitFor(() => a.app.concurrencyLimit.stats('renders').inFlight === 1)
+  const turns = async (): Promise<string[]> => await redis.zrange('fastify-concurrency-limit:renders:turns', 0, -1)
+
+  // b's waiter times out.
+  const timedOut = get(client(t, b.origin), '/render')
+  await waitFor(() => b.app.concurrencyLimit.stats('renders').queued === 1)
+  await sleep(50)
+  t.equal((await turns()).length, 1, 'b waits in turn')
+  t.equal(JSON.parse((await timedOut).body).code, 'FST_CONCURRENCY_LIMIT_QUEUE_TIMEOUT')
+  let gone = performance.now()
+  while ((await turns()).length > 0 && performance.now() - gone < 1000) await sleep(2)
+  t.ok(performance.now() - gone < 50, `its turn gone ${(performance.now() - gone).toFixed(0)} ms after the timeout, not at the next poll`)
+
+  // b's waiter leaves (its client goes).
+  const left = abortAfter(`${b.origin}/render`, { ms: 100 })
+  await waitFor(() => b.app.concurrencyLimit.stats('renders').queued === 1)
+  await sleep(50)
+  t.equal((await turns()).length, 1, 'b waits in turn again')
+  await left
+  await waitFor(() => b.app.concurrencyLimit.stats('renders').queued === 0)
+  gone = performance.now()
+  while ((await turns()).length > 0 && performance.now() - gone < 1000) await sleep(2)
+  t.ok(performance.now() - gone < 50, `its turn gone ${(performance.now() - gone).toFixed(0)} ms after the client left`)
+
+  // b is closed while it waits.
+  const closing = get(client(t, b.origin), '/render')
+  await waitFor(() => b.app.concurrencyLimit.stats('renders').queued === 1)
+  await sleep(50)
+  t.equal((await turns()).length, 1)
+  await b.app.close()
+  t.equal((await closing).statusCode, 503)
+  t.same(await turns(), [], 'gone when b closed')
+  release()
+  t.equal((await first).body, 'a')
+  t.equal(await leases(redis), 0)
+  t.same(await redis.keys('*'), [], 'no key left behind')
+})
+
+t.test('several permits freed at once are shared out by turns, whichever instance asks first', async (t) => {
+  class Counted implements Waiter {
+    prev: Waiter | null = null
+    next: Waiter | null = null
+    enqueuedAt = 0
+    deadline = 0
+    readonly level = NORMAL
+    constructor (readonly admitted: { count: number }) {}
+    admit (): boolean {
+      this.admitted.count++
+      return true
+    }
+
+    reject (_reason: RejectReason): void {}
+  }
+  const server = await RedisServer.start(t)
+  const redis = server.client(t)
+  const key = 'fastify-concurrency-limit:p'
+  for (const first of [0, 1]) {
+    // Four permits held elsewhere; two instances wait for them, a first.
+    await redis.zadd(key, Date.now() + 60_000, 'x1', Date.now() + 60_000, 'x2', Date.now() + 60_000, 'x3', Date.now() + 60_000, 'x4')
+    const instances = [0, 1].map(() => {
+      const admitted = { count: 0 }
+      const store = checkStore('', { redis: server.client(t) })
+      const limiter = new Limiter('p', { maxConcurrency: 4, maxQueue: 10, queueTimeout: 60_000, store }, undefined, (l) => new RedisPermits(l, store))
+      t.teardown(() => { limiter.close() })
+      return { admitted, limiter }
+    })
+    for (const [n, { admitted, limiter }] of instances.entries()) {
+      for (let i = 0; i < 3; i++) limiter.enqueue(new Counted(admitted))
+      for (let i = 0; i < 100 && await redis.zcard(key + ':turns') < n + 1; i++) await sleep(2)
+    }
+    t.equal(await redis.zcard(key + ':turns'), 2, 'both wait in turn')
+    // The four are freed without a message; one instance asks (a new waiter wakes it).
+    await redis.del(key)
+    instances[first].limiter.enqueue(new Counted(instances[first].admitted))
+    await waitFor(() => instances[0].admitted.count + instances[1].admitted.count === 4, 150, 'the four permits taken, before a poll')
+    t.same(instances.map((x) => x.admitted.count), [2, 2], `two each, ${first === 0 ? 'the first to wait' : 'the second'} asking first`)
+    for (const { limiter } of instances) limiter.close()
+    await sleep(20)
+    await redis.del(key)
+    t.same(await redis.keys('*'), [], 'closed: no turn left')
+  }
 })

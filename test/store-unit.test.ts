@@ -86,8 +86,10 @@ function setup (store: Partial<StoreSettings> = {}, pool = { maxConcurrency: 2, 
 }
 
 const tick = async (): Promise<void> => { await sleep(0) }
-// key, limit, leaseMs, running requests without a lease, then the ids.
-const ids = (call: Call): Array<string | number> => call.args.slice(4)
+// An acquire's keys (leases, turns, seen), limit, leaseMs, instance,
+// staleMs, channel, running requests without a lease, then the ids.
+const RUNNING = 8
+const ids = (call: Call): Array<string | number> => call.args.slice(RUNNING + 1)
 
 t.test('a waiter is admitted with the lease Redis grants; a script Redis lost is loaded again', async (t) => {
   const { redis, limiter } = setup()
@@ -99,7 +101,9 @@ t.test('a waiter is admitted with the lease Redis grants; a script Redis lost is
   await tick()
   const first = redis.next()
   t.equal(first.command, 'evalsha')
-  t.same(first.args.slice(0, 4), ['fastify-concurrency-limit:p', 2, 10_000, 0])
+  t.same(first.args.slice(0, 3), ['fastify-concurrency-limit:p', 'fastify-concurrency-limit:p:turns', 'fastify-concurrency-limit:p:seen'])
+  t.same(first.args.slice(3, 5), [2, 10_000])
+  t.same(first.args.slice(6, RUNNING + 1), [750, 'fastify-concurrency-limit:p:freed', 0], 'staleMs: three poll intervals')
   t.equal(ids(first).length, 1)
   first.reject(new Error('NOSCRIPT No matching script'))
   await tick()
@@ -169,10 +173,16 @@ t.test('waiters that arrive while Redis answers are asked for together; the queu
   limiter.close()
   t.equal(redis.subscriber.disconnected, true)
   t.equal(e.outcome, 'closing')
-  t.equal(redis.calls.length, 1)
-  redis.next().resolve([1, 2])
+  t.equal(redis.calls.length, 2, 'the call for e, then one that gives up the turn')
+  const out = redis.next()
+  const withdraw = redis.next()
+  t.same([withdraw.args[RUNNING], ids(withdraw)], [0, []], 'asks for nothing: the turn goes')
+  out.resolve([1, 2])
+  await tick()
+  withdraw.resolve([0, 2])
   await tick()
   t.equal(redis.next().args.length, 3, 'the lease for a waiter refused at close goes back')
+  t.equal(redis.calls.length, 0, 'and nothing else once closed')
 })
 
 t.test('with no answer from Redis: a poll asks again, the held leases are renewed in one call', async (t) => {
@@ -289,11 +299,11 @@ t.test("'local' and 'allow' admit without a lease while Redis fails; a lease is 
   // the count, so that the other instances see it.
   await waitFor(() => redis.calls.length > 0, 2000, 'the probe')
   const probe = redis.next()
-  t.same(probe.args.slice(3), [0])
+  t.same(probe.args.slice(RUNNING), [0])
   probe.resolve([0, 1])
   await tick()
   const backfill = redis.next()
-  t.equal(backfill.args[3], 1)
+  t.equal(backfill.args[RUNNING], 1)
   t.equal(ids(backfill).length, 1)
   backfill.resolve([0, 2])
   await tick()
@@ -307,7 +317,7 @@ t.test("'local' and 'allow' admit without a lease while Redis fails; a lease is 
   t.equal(z.outcome, null, 'at the fallback limit: waits')
   await waitFor(() => redis.calls.length > 0, 2000, 'the ask after the settling')
   const ask = redis.next()
-  t.same([ask.args[3], ids(ask).length], [0, 1])
+  t.same([ask.args[RUNNING], ids(ask).length], [0, 1])
   ask.resolve([1, 3])
   await tick()
   t.equal(z.outcome, 'admitted')
@@ -333,7 +343,7 @@ t.test("'local' and 'allow' admit without a lease while Redis fails; a lease is 
   again.redis.next().resolve([0, 0])
   await tick()
   const late = again.redis.next()
-  t.equal(late.args[3], 1)
+  t.equal(late.args[RUNNING], 1)
   again.limiter.release()
   t.equal(again.redis.calls.length, 0)
   late.resolve([0, 1])

@@ -37,26 +37,115 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 `
 
 /**
- * KEYS[1] leases; ARGV[1] the limit, ARGV[2] leaseMs, ARGV[3] how many of
- * the ids are for requests already running, ARGV[4..] new lease ids.
- * Purges expired leases; adds the ids of running requests whatever the count
- * (requests admitted while Redis was unavailable: they hold a permit, the
- * other instances must see it); then as many of the other ids as the limit
- * has room for, in order. Returns { other ids added, leases out now }.
+ * KEYS[1] leases, KEYS[2] turns, KEYS[3] seen; ARGV[1] the limit, ARGV[2]
+ * leaseMs, ARGV[3] the instance, ARGV[4] staleMs, ARGV[5] the channel,
+ * ARGV[6] how many of the ids are for requests already running, ARGV[7..]
+ * new lease ids.
+ * Purges expired leases and the turns of instances not seen for staleMs;
+ * adds the ids of running requests whatever the count (requests admitted
+ * while Redis was unavailable: they hold a permit, the other instances must
+ * see it); then as many of the other ids as the instance's turn allows, in
+ * order. Returns { other ids added, leases out now }.
+ *
+ * Turns: an instance that asks for permits and does not get all it asked
+ * for waits in Redis, in KEYS[2], scored by twice the permits it has taken
+ * since it began waiting, plus 1 if it began to wait after others: it then
+ * starts level with the instance that has taken the fewest, and after it.
+ * KEYS[3] holds when each was last heard from. The free permits go one at
+ * a time to whoever has taken the fewest, as if every waiting instance
+ * asked for all of them: this instance takes its part of that share-out,
+ * and leaves the rest to the others.
+ *
+ * Why turns, and why counted in permits: a freed permit is announced to
+ * every instance at once, and without turns it went to whichever call
+ * reached Redis first. That race is decided by much the same timing at
+ * every release, so one instance kept winning: about 70% of a pool of 4
+ * between two equal instances, whose waiters then timed out on the other.
+ * With turns the outcome of a release does not depend on which call
+ * arrives first. Counting the permits taken keeps that true when several
+ * permits are free at once, where a queue that sends a served instance to
+ * its back still favours whoever calls first. The cost is bounded: a
+ * permit kept for a turn waits for an instance woken by the same message
+ * (or, if that one died or stalled, for staleMs and a poll), and a permit
+ * left over because an instance asked for less than its part is announced
+ * again.
  */
 const ACQUIRE = script(NOW + `redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local lease = tonumber(ARGV[2])
-local running = tonumber(ARGV[3])
-for i = 4, 3 + running do redis.call('ZADD', KEYS[1], now + lease, ARGV[i]) end
+local me = ARGV[3]
+local running = tonumber(ARGV[6])
+for i = 7, 6 + running do redis.call('ZADD', KEYS[1], now + lease, ARGV[i]) end
 local count = redis.call('ZCARD', KEYS[1])
+if count > 0 then redis.call('PEXPIRE', KEYS[1], lease * 2) end
 local free = tonumber(ARGV[1]) - count
-local added = 0
-for i = 4 + running, #ARGV do
-  if added >= free then break end
-  redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
-  added = added + 1
+local wanted = #ARGV - 6 - running
+local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[4]))
+if #stale > 0 then
+  redis.call('ZREM', KEYS[2], unpack(stale))
+  redis.call('ZREM', KEYS[3], unpack(stale))
 end
-if count + added > 0 then redis.call('PEXPIRE', KEYS[1], lease * 2) end
+local waited = redis.call('ZSCORE', KEYS[2], me)
+if wanted == 0 then
+  if waited then
+    redis.call('ZREM', KEYS[2], me)
+    redis.call('ZREM', KEYS[3], me)
+    if free > 0 and redis.call('ZCARD', KEYS[2]) > 0 then redis.call('PUBLISH', ARGV[5], 0) end
+  end
+  return { 0, count }
+end
+if not waited then
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  waited = first[2] and math.floor(first[2] / 2) * 2 + 1 or 0
+  redis.call('ZADD', KEYS[2], waited, me)
+end
+waited = tonumber(waited)
+local share = 0
+if free > 0 then
+  local turns = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  local n = #turns / 2
+  local mine = 0
+  for i = 1, n do if turns[2 * i - 1] == me then mine = i end end
+  -- Deal the free permits level by level: at each level every instance
+  -- that has taken that many or fewer takes one; the last, partial level
+  -- goes to the first in order.
+  local function taken (j) return math.floor(tonumber(turns[2 * j]) / 2) end
+  local left, level, active, i = free, taken(1), 0, 1
+  while left > 0 do
+    while i <= n and taken(i) <= level do
+      active = active + 1
+      i = i + 1
+    end
+    local nextLevel = i <= n and taken(i) or nil
+    if nextLevel and left >= active * (nextLevel - level) then
+      if mine <= active then share = share + nextLevel - level end
+      left = left - active * (nextLevel - level)
+      level = nextLevel
+    else
+      if mine <= active then
+        share = share + math.floor(left / active)
+        if mine <= left % active then share = share + 1 end
+      end
+      left = 0
+    end
+  end
+end
+local added = math.min(wanted, share)
+for i = 7 + running, 6 + running + added do redis.call('ZADD', KEYS[1], now + lease, ARGV[i]) end
+if added > 0 then redis.call('PEXPIRE', KEYS[1], lease * 2) end
+if added < wanted then
+  redis.call('ZADD', KEYS[2], waited + 2 * added, me)
+  redis.call('ZADD', KEYS[3], now, me)
+  redis.call('PEXPIRE', KEYS[2], lease * 2)
+  redis.call('PEXPIRE', KEYS[3], lease * 2)
+else
+  redis.call('ZREM', KEYS[2], me)
+  redis.call('ZREM', KEYS[3], me)
+end
+-- Permits left over that others wait for: those others were woken by the
+-- release and may have asked before this call; tell them again.
+if added > 0 and free > added and redis.call('ZCARD', KEYS[2]) > (added < wanted and 1 or 0) then
+  redis.call('PUBLISH', ARGV[5], 0)
+end
 return { added, count + added }
 `)
 
@@ -92,12 +181,12 @@ function isNoScript (err: unknown): boolean {
 }
 
 /** Runs a script by its digest, loading it if Redis does not have it (after a restart). */
-async function run (redis: RedisClient, s: Script, key: string, args: Array<string | number>): Promise<unknown> {
+async function run (redis: RedisClient, s: Script, keys: string[], args: Array<string | number>): Promise<unknown> {
   try {
-    return await redis.evalsha(s.sha, 1, key, ...args)
+    return await redis.evalsha(s.sha, keys.length, ...keys, ...args)
   } catch (err) {
     if (!isNoScript(err)) throw err
-    return await redis.eval(s.lua, 1, key, ...args)
+    return await redis.eval(s.lua, keys.length, ...keys, ...args)
   }
 }
 
@@ -135,7 +224,9 @@ function timed (call: Promise<unknown>, ms: number, late?: (value: unknown) => v
  * call at a time: waiters that arrive meanwhile are asked for together in
  * the next. A permit freed anywhere is announced on the pool's channel and
  * wakes the instances with waiters; a poll every min(leaseMs / 4, 250) ms
- * covers a lost message and leases that expired.
+ * covers a lost message and leases that expired. Instances that wait take
+ * turns, kept in Redis (see ACQUIRE); an instance gives up its turn when
+ * its last waiter leaves or it closes.
  *
  * Leases are interchangeable: a request does not carry its own, the
  * instance keeps the ids it holds and gives one back per permit released
@@ -147,10 +238,14 @@ export class RedisPermits implements PermitSource {
   readonly #redis: RedisClient
   readonly #settings: StoreSettings
   readonly #key: string
+  /** The leases, turns and seen keys, for ACQUIRE. */
+  readonly #keys: string[]
   readonly #channel: string
   readonly #idPrefix = randomBytes(9).toString('base64url') + ':'
   #nextId = 0
   readonly #pollMs: number
+  /** An instance not heard from for this long while it waits loses its turn. */
+  readonly #staleMs: number
   /** While Redis fails: the most permits this instance admits without one. */
   readonly #fallbackLimit: number
   #subscriber: RedisSubscriber | null = null
@@ -164,6 +259,9 @@ export class RedisPermits implements PermitSource {
   #wakeScheduled = false
   /** The last answer found no free permit: wait for one to be announced. */
   #full = false
+  /** This instance may have a turn in Redis (it asked and did not get all it asked for). */
+  #waiting = false
+  #closed = false
   #available = true
   #settleUntil = 0
   #pollTimer: NodeJS.Timeout | null = null
@@ -179,8 +277,12 @@ export class RedisPermits implements PermitSource {
     this.#settings = settings
     this.#redis = settings.redis
     this.#key = settings.nameSpace + limiter.name
+    this.#keys = [this.#key, this.#key + ':turns', this.#key + ':seen']
     this.#channel = this.#key + ':freed'
     this.#pollMs = Math.max(1, Math.min(250, Math.floor(settings.leaseMs / 4)))
+    // A waiting instance asks at least once a poll interval: three missed
+    // ones and it is taken for dead, so that its turn cannot hold the pool.
+    this.#staleMs = 3 * this.#pollMs
     this.#fallbackLimit = settings.onStoreError === 'allow'
       ? limiter.maxConcurrency
       : Math.max(1, Math.floor(limiter.maxConcurrency / settings.instances))
@@ -247,8 +349,13 @@ export class RedisPermits implements PermitSource {
   }
 
   close (): void {
+    this.#closed = true
     this.#subscriber?.disconnect()
     this.#subscriber = null
+    // Its waiters are gone: so is its turn. A call still out goes before
+    // this one on the same connection.
+    if (this.#waiting || this.#calling) this.#acquire(0, []).then(noop, noop)
+    this.#waiting = false
   }
 
   stats (): StoreStats {
@@ -263,12 +370,18 @@ export class RedisPermits implements PermitSource {
     }
   }
 
-  #call (s: Script, args: Array<string | number>, late?: (value: unknown) => void): Promise<unknown> {
-    return timed(run(this.#redis, s, this.#key, args), this.#settings.timeout, late)
+  #call (s: Script, args: Array<string | number>, late?: (value: unknown) => void, keys = [this.#key]): Promise<unknown> {
+    return timed(run(this.#redis, s, keys, args), this.#settings.timeout, late)
+  }
+
+  #acquire (running: number, ids: string[], late?: (value: unknown) => void): Promise<unknown> {
+    const args = [this.#limiter.maxConcurrency, this.#settings.leaseMs, this.#idPrefix, this.#staleMs, this.#channel, running, ...ids]
+    return this.#call(ACQUIRE, args, late, this.#keys)
   }
 
   /** Asks Redis for permits for the waiters not asked for yet. */
   #pump (): void {
+    if (this.#closed) return
     if (this.#calling) {
       this.#askAgain = true
       return
@@ -283,7 +396,8 @@ export class RedisPermits implements PermitSource {
     // Just back: the other instances put their running requests back first.
     const settling = this.#settleUntil > performance.now()
     const wanted = settling ? 0 : Math.min(limiter.queued, limiter.limit - limiter.inFlight)
-    if (wanted <= 0 && running <= 0) {
+    // Without a waiter to ask for, a call still gives up this instance's turn.
+    if (wanted <= 0 && running <= 0 && !this.#waiting) {
       if (settling && limiter.queued > 0) {
         this.#fallback()
         this.#poll()
@@ -295,7 +409,7 @@ export class RedisPermits implements PermitSource {
     this.#calling = true
     this.#asking = wanted
     this.#askAgain = false
-    this.#call(ACQUIRE, [limiter.maxConcurrency, this.#settings.leaseMs, running, ...ids], (late) => {
+    this.#acquire(running, ids, (late) => {
       // The call timed out but went through: give back what it took.
       const added = running + (late as [number, number])[0]
       if (added > 0) this.#call(RELEASE, [this.#channel, ...ids.slice(0, added)]).then(noop, noop)
@@ -305,6 +419,7 @@ export class RedisPermits implements PermitSource {
       this.#asking = 0
       this.#fleetInFlight = inFlight
       this.#full = added < wanted
+      this.#waiting = this.#full
       for (let i = 0; i < running + added; i++) this.#held.push(ids[i])
       // Waiters may have left (timed out, client gone) while Redis answered.
       let granted = 0
@@ -322,6 +437,8 @@ export class RedisPermits implements PermitSource {
           this.#poll()
         }
       }
+      // The waiters it asked for are gone: give up the turn.
+      if (limiter.queued === 0 && this.#waiting) this.#pump()
     }, (err: unknown) => {
       this.#calling = false
       this.#asking = 0
@@ -354,9 +471,11 @@ export class RedisPermits implements PermitSource {
   /** While Redis is unavailable, asks it every poll interval whether it is back. */
   #probe (): void {
     const timer = setTimeout(() => {
-      this.#call(ACQUIRE, [this.#limiter.maxConcurrency, this.#settings.leaseMs, 0]).then((reply) => {
+      this.#acquire(0, []).then((reply) => {
         this.#fleetInFlight = (reply as [number, number])[1]
         this.#available = true
+        // The call gave up this instance's turn, if it had one.
+        this.#waiting = false
         // Each instance finds Redis back at its own probe, within a poll
         // interval of the others: until they all have put back the leases of
         // the requests they admitted without one, new permits would be
