@@ -31,6 +31,13 @@ export interface GateInput {
   /** Most client timeouts at 10x, as a fraction of the 503s received. */
   maxTimeoutRatio: number
   /**
+   * The same open loop against a bare node:http server that answers a fixed
+   * 503 at once, in the same run: its client timeouts are the machine's (a
+   * starved generator, late connections), not the plugin's, and are allowed
+   * on top of `maxTimeoutRatio`.
+   */
+  floor?: { refused: number, timeouts: number }
+  /**
    * A route of synchronous CPU work behind `maxEventLoopDelay`, in open loop
    * at 5x the capacity the same server showed just before: the p99 of the
    * server's event-loop delay, held to a multiple of the bound.
@@ -117,6 +124,7 @@ export function checkGate (input: GateInput): Check[] {
   const cap = Math.min(nominal, input.measuredCapacityPerS)
   const ratio = input.overload.goodputPerS / cap
   const latencyBound = input.queueTimeout + input.serviceTime + input.latencyMarginMs
+  const floorRatio = input.floor === undefined ? 0 : input.floor.timeouts / Math.max(1, input.floor.refused)
   return [
     {
       name: 'peak in-flight <= maxConcurrency',
@@ -138,9 +146,10 @@ export function checkGate (input: GateInput): Check[] {
       // A client that sends on its own schedule over reused connections must
       // get its refusals as 503s: the retry-storm brake must not hold them
       // back until the client gives up.
-      name: `client timeouts at 10x <= ${input.maxTimeoutRatio * 100}% of refusals`,
-      pass: input.overload.timeouts <= input.maxTimeoutRatio * input.overload.refused,
-      detail: `${input.overload.timeouts} timeouts, ${input.overload.refused} 503s (${(100 * input.overload.timeouts / Math.max(1, input.overload.refused)).toFixed(2)}%)`
+      name: `client timeouts at 10x <= ${input.maxTimeoutRatio * 100}% of refusals, over the machine's floor`,
+      pass: input.overload.timeouts <= (input.maxTimeoutRatio + floorRatio) * input.overload.refused,
+      detail: `${input.overload.timeouts} timeouts, ${input.overload.refused} 503s (${(100 * input.overload.timeouts / Math.max(1, input.overload.refused)).toFixed(2)}%)` +
+        (input.floor === undefined ? '' : `; fixed-503 node:http server: ${input.floor.timeouts} timeouts, ${input.floor.refused} 503s (${(100 * floorRatio).toFixed(2)}%)`)
     },
     stormCheck(input.storm),
     {

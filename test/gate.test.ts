@@ -36,7 +36,12 @@ t.test('each broken invariant fails its own check', async (t) => {
   t.same(failing(withStorm({ pluginOkPerS: 3500 })), [STORM])
   // 1% of 11,000 refusals: 110 timeouts pass, 111 fail.
   t.same(failing({ ...good, overload: { ...good.overload, timeouts: 110 } }), [])
-  t.same(failing({ ...good, overload: { ...good.overload, timeouts: 111 } }), ['client timeouts at 10x <= 1% of refusals'])
+  t.same(failing({ ...good, overload: { ...good.overload, timeouts: 111 } }), ['client timeouts at 10x <= 1% of refusals, over the machine\'s floor'])
+  // The machine's floor: 0.5% timeouts against a fixed-503 server allow 0.5% more.
+  const floor = { refused: 10000, timeouts: 50 }
+  t.same(failing({ ...good, floor, overload: { ...good.overload, timeouts: 165 } }), [])
+  t.same(failing({ ...good, floor, overload: { ...good.overload, timeouts: 166 } }), ['client timeouts at 10x <= 1% of refusals, over the machine\'s floor'])
+  t.match(checkGate({ ...good, floor }).find((c) => c.name.startsWith('client timeouts'))?.detail, /fixed-503 node:http server: 50 timeouts, 10000 503s \(0\.50%\)/)
   const cpu = { eventLoopDelayP99Ms: 75, boundMs: 50, maxRatio: 1.5 }
   t.same(failing({ ...good, cpu }), [])
   t.same(failing({ ...good, cpu: { ...cpu, eventLoopDelayP99Ms: 75.1 } }), ['CPU-bound route at 5x: event-loop delay p99 <= 1.5 x maxEventLoopDelay'])

@@ -489,6 +489,8 @@ t.test('an instance whose waiters are gone gives up its turn at once', async (t)
   const first = get(client(t, a.origin), '/render')
   await waitFor(() => a.app.concurrencyLimit.stats('renders').inFlight === 1)
   const turns = async (): Promise<string[]> => await redis.zrange('fastify-concurrency-limit:renders:turns', 0, -1)
+  // Left to itself, a turn would go three polls (750 ms) after its
+  // instance's last call, and only when another instance asks.
 
   // b's waiter times out.
   const timedOut = get(client(t, b.origin), '/render')
@@ -498,7 +500,7 @@ t.test('an instance whose waiters are gone gives up its turn at once', async (t)
   t.equal(JSON.parse((await timedOut).body).code, 'FST_CONCURRENCY_LIMIT_QUEUE_TIMEOUT')
   let gone = performance.now()
   while ((await turns()).length > 0 && performance.now() - gone < 1000) await sleep(2)
-  t.ok(performance.now() - gone < 50, `its turn gone ${(performance.now() - gone).toFixed(0)} ms after the timeout, not at the next poll`)
+  t.ok(performance.now() - gone < 200, `its turn gone ${(performance.now() - gone).toFixed(0)} ms after the timeout, not at the next poll`)
 
   // b's waiter leaves (its client goes).
   const left = abortAfter(`${b.origin}/render`, { ms: 100 })
@@ -509,7 +511,7 @@ t.test('an instance whose waiters are gone gives up its turn at once', async (t)
   await waitFor(() => b.app.concurrencyLimit.stats('renders').queued === 0)
   gone = performance.now()
   while ((await turns()).length > 0 && performance.now() - gone < 1000) await sleep(2)
-  t.ok(performance.now() - gone < 50, `its turn gone ${(performance.now() - gone).toFixed(0)} ms after the client left`)
+  t.ok(performance.now() - gone < 200, `its turn gone ${(performance.now() - gone).toFixed(0)} ms after the client left`)
 
   // b is closed while it waits.
   const closing = get(client(t, b.origin), '/render')
@@ -561,7 +563,7 @@ t.test('several permits freed at once are shared out by turns, whichever instanc
     // The four are freed without a message; one instance asks (a new waiter wakes it).
     await redis.del(key)
     instances[first].limiter.enqueue(new Counted(instances[first].admitted))
-    await waitFor(() => instances[0].admitted.count + instances[1].admitted.count === 4, 150, 'the four permits taken, before a poll')
+    await waitFor(() => instances[0].admitted.count + instances[1].admitted.count === 4, 240, 'the four permits taken, before a poll (250 ms)')
     t.same(instances.map((x) => x.admitted.count), [2, 2], `two each, ${first === 0 ? 'the first to wait' : 'the second'} asking first`)
     for (const { limiter } of instances) limiter.close()
     await sleep(20)

@@ -28,6 +28,13 @@ export async function ci (): Promise<boolean> {
     progress(`gate: offered ${overload.offeredPerS.toFixed(0)}/s, 2xx ${overload.ok}, 503 ${overload.rejected}, client timeouts ${overload.timeouts}, generator lag p99 ${overload.generatorLagP99Ms.toFixed(1)} ms`)
     return { moderate, overload, peakInFlight: Math.max(atLimit.peakInFlight, s.peakInFlight), serverP99: s.okLatency.p99 }
   })
+  // The machine's floor for the timeout check: the same load against a bare
+  // node:http server that answers every request with a fixed 503 at once.
+  progress(`gate: the same open loop against a fixed-503 node:http server (${cap * 10}/s, 8 s)`)
+  const floor = await withTarget({ ...settings, variant: 'raw' }, async (target) => {
+    return await openLoop({ url: `${target.origin}/work`, rate: cap * 10, durationS: 8, timeoutMs: 1000, connections: 4096 })
+  })
+  progress(`gate: fixed-503 server: 503 ${floor.rejected}, client timeouts ${floor.timeouts}, generator lag p99 ${floor.generatorLagP99Ms.toFixed(1)} ms`)
   // Retry storm: the plugin against bare Fastify in the same run, and against
   // its own server at its limit (one connection per slot: no queue, no
   // refusal) just before and just after the storm. A 20 ms timer fires late,
@@ -73,6 +80,7 @@ export async function ci (): Promise<boolean> {
     // last byte: the client's figure adds its own queueing for a connection.
     overload: { goodputPerS: overload.goodputPerS, p99OkMs: serverP99, clientP99OkMs: overload.latencyOk.p99, errors: overload.errors, refused: overload.rejected, timeouts: overload.timeouts },
     maxTimeoutRatio: 0.01,
+    floor: { refused: floor.rejected, timeouts: floor.timeouts },
     cpu: { eventLoopDelayP99Ms: cpu.serverEldP99, boundMs: BOUND_MS, maxRatio: 1.5 },
     adaptive: { goodputRatios: adaptivePhases.map((p) => p.goodputPct / 100), minRatio: 0.8 },
     moderate: { errors: moderate.errors, timeouts: moderate.timeouts, non2xx: Math.round(moderate.rejectedPerS * moderate.durationS) },
