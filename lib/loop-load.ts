@@ -100,7 +100,8 @@ export interface LoopLoadOptions {
  * The brake removes the load that engaged it, so the loop looks idle again:
  * it lets go only after a hold, and only once utilization has fallen well
  * below the mark. If the storm is back within a hold of letting go (the
- * loop saturates, or refusals come back at half the storm's rate), one
+ * loop saturates, or refusals come back at half the storm's rate on a loop
+ * at least `RELEASE_BELOW` busy), one
  * sample engages the brake again, for twice as long (up to `MAX_HOLD_MS`),
  * so that a long storm is tested for its end seldom and briefly.
  */
@@ -202,7 +203,11 @@ export class LoopLoad {
     }
     if (now < this.#suppressedUntil) return
     const again = now - this.#releasedAt <= this.#hold
-    const storm = utilization >= ENGAGE_AT || (again && rate > this.#stormRate * STORM_BACK)
+    // The same storm back: its refusals at more than half its rate, on a
+    // loop they are filling again. The rate alone is not enough: a client
+    // that sends on its own schedule keeps its rate whatever the brake does,
+    // and would hold the brake on, hold after hold, on an idle loop.
+    const storm = utilization >= ENGAGE_AT || (again && rate > this.#stormRate * STORM_BACK && utilization >= RELEASE_BELOW)
     if (!storm || rate * 1000 < MIN_REFUSALS_PER_S) {
       this.#saturated = 0
       return

@@ -122,7 +122,8 @@ t.test('holds at least FIRST_HOLD_MS, then lets go once utilization falls below 
   t.equal(sample(RELEASE_BELOW - 0.01, SLOWED), false, 'released below the lower mark')
   t.equal(sample(ENGAGE_AT - 0.01, SLOWED), false, 'and stays released below the upper one')
   t.equal(sample(0.5, 2 * MIN_REFUSALS * STORM_BACK), false, 'with refusals at half the storm\'s rate')
-  t.equal(sample(0.5, 2 * MIN_REFUSALS * STORM_BACK + 1), true, 'until they come back at more than that: the same storm')
+  t.equal(sample(0.5, 2 * MIN_REFUSALS * STORM_BACK + 1), false, 'at more than that on a loop half idle: a client on its own schedule, not the storm')
+  t.equal(sample(RELEASE_BELOW, 2 * MIN_REFUSALS * STORM_BACK + 1), true, 'at more than that on a loop they fill again: the same storm')
 })
 
 t.test('a loop that stays busy keeps the brake on past the hold', async (t) => {
