@@ -46,6 +46,18 @@ async function instance (t: Test, store: StoreOptions, pool: { maxConcurrency: n
 
 const renders = { config: { concurrencyLimit: { group: 'renders' } } }
 
+/** `count` instances sharing the group, each with a route that calls `downstream` for `ms`. */
+async function renderers (t: Test, server: RedisServer, count: number, pool: { maxConcurrency: number, maxQueue: number, queueTimeout: number },
+  downstream: Downstream, ms: number): Promise<Instance[]> {
+  const instances: Instance[] = []
+  for (let i = 0; i < count; i++) {
+    instances.push(await instance(t, { redis: server.client(t) }, pool, (app) => {
+      app.get('/render', renders, async () => { await downstream.call(ms); return 'ok' })
+    }))
+  }
+  return instances
+}
+
 /**
  * Leases in Redis, once the releases in flight have arrived: a permit goes
  * back after the response closed, a round trip after the client saw it.
@@ -63,12 +75,7 @@ t.test('three instances sharing a group never run more than its maxConcurrency a
   const server = await RedisServer.start(t)
   const redis = server.client(t)
   const downstream = new Downstream()
-  const instances: Instance[] = []
-  for (let i = 0; i < 3; i++) {
-    instances.push(await instance(t, { redis: server.client(t) }, { maxConcurrency: 4, maxQueue: 100, queueTimeout: 10_000 }, (app) => {
-      app.get('/render', renders, async () => { await downstream.call(15); return 'ok' })
-    }))
-  }
+  const instances = await renderers(t, server, 3, { maxConcurrency: 4, maxQueue: 100, queueTimeout: 10_000 }, downstream, 15)
   const clients = instances.map(({ origin }) => client(t, origin, 40))
   const answers = await Promise.all(Array.from({ length: 120 }, (_, i) => get(clients[i % 3], '/render')))
   t.same(answers.map((a) => a.statusCode), Array(120).fill(200), 'every request served')
@@ -432,12 +439,7 @@ t.test('instances with equal load get equal shares of a small pool: free permits
   const server = await RedisServer.start(t)
   const redis = server.client(t)
   const downstream = new Downstream()
-  const instances: Instance[] = []
-  for (let i = 0; i < 2; i++) {
-    instances.push(await instance(t, { redis: server.client(t) }, { maxConcurrency: 4, maxQueue: 8, queueTimeout: 2000 }, (app) => {
-      app.get('/render', renders, async () => { await downstream.call(20); return 'ok' })
-    }))
-  }
+  const instances = await renderers(t, server, 2, { maxConcurrency: 4, maxQueue: 8, queueTimeout: 2000 }, downstream, 20)
   // Six clients per instance, each sending its next request when the last is answered.
   const served = [0, 0]
   const end = performance.now() + 2000
