@@ -120,11 +120,13 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
 
   // Waiters must be answered before the server waits for in-flight requests
   // to end, or close() would wait on requests that wait on it.
-  fastify.addHook('preClose', (done) => {
-    pools.close()
+  // A pool on a shared store gives up its turn there before the user's
+  // onClose hooks may quit the Redis client.
+  fastify.addHook('preClose', async () => {
+    const closed = pools.close()
     rejecter.drain()
     guard?.close()
-    done()
+    await closed
   })
 
   // One key per registration: a request that passes through two of them

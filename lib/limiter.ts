@@ -53,8 +53,11 @@ export interface PermitSource {
   released (): void
   /** Queued waiters that the source may admit at once, beyond which `maxQueue` counts. */
   headroom (): number
-  /** The pool is closing: its waiters are gone, its permits out stay valid. */
-  close (): void
+  /**
+   * The pool is closing: its waiters are gone, its permits out stay valid.
+   * Settles when what the source owes others (a turn given up) is done.
+   */
+  close (): Promise<void> | void
   stats (): StoreStats
 }
 
@@ -421,10 +424,13 @@ export class Limiter {
     }
   }
 
-  /** Refuses every waiter and every future one; permits already out stay valid. */
-  close (): void {
+  /**
+   * Refuses every waiter and every future one; permits already out stay
+   * valid. Settles when the permit source has told the others it is gone.
+   */
+  close (): Promise<void> | void {
     this.closing = true
-    this.#source?.close()
+    const closed = this.#source?.close()
     this.#disarm()
     let waiter = this.#first()
     while (waiter !== null) {
@@ -434,6 +440,7 @@ export class Limiter {
       waiter.reject('closing')
       waiter = this.#first()
     }
+    return closed
   }
 
   /**

@@ -78,9 +78,11 @@ export class Pools {
     return this.#byName.values()
   }
 
-  close (): void {
-    for (const limiter of this.#byName.values()) limiter.close()
+  /** Settles when every pool's store has given up the turns it held. */
+  async close (): Promise<void> {
+    const closing = Array.from(this.#byName.values(), (limiter) => limiter.close())
     this.#turn.stop()
+    await Promise.all(closing)
   }
 
   /** `label` names the pool in an error about its settings. */

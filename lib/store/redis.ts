@@ -348,14 +348,15 @@ export class RedisPermits implements PermitSource {
     this.#fleetInFlight = (reply as [number, number])[1]
   }
 
-  close (): void {
+  close (): Promise<void> | void {
     this.#closed = true
     this.#subscriber?.disconnect()
     this.#subscriber = null
-    // Its waiters are gone: so is its turn. A call still out goes before
-    // this one on the same connection.
-    if (this.#waiting || this.#calling) this.#acquire(0, []).then(noop, noop)
+    if (!this.#waiting && !this.#calling) return
     this.#waiting = false
+    // Its waiters are gone: so is its turn. A call still out goes before
+    // this one on the same connection. Bounded by the store's timeout.
+    return this.#acquire(0, []).then(noop, noop)
   }
 
   stats (): StoreStats {
