@@ -22,8 +22,10 @@ export interface ReleaseMessage { request: FastifyRequest, pool: string }
  * The plugin's diagnostics channels. A request that asks a pool for a slot
  * is either admitted at once (`admit`), queued (`queue`, then `admit`,
  * `refuse` or `abandon`), or refused at once (`refuse`); an admitted one is
- * released once (`release`). Messages are published only while a channel
- * has subscribers.
+ * released once (`release`). In a pool with `maxEventLoopDelay`, the first
+ * request of a new connection whose client left before it was decided on
+ * is `abandon` alone (see first-request.ts). Messages are published only
+ * while a channel has subscribers.
  */
 export const channels = {
   queue: diagnostics.channel('fastify-concurrency-limit:queue'),

@@ -21,6 +21,7 @@ import {
   type RouteConcurrencyLimitSetting
 } from './options.js'
 import { registerMetrics } from './metrics.js'
+import { decideAfterTwoTurns, isFirstOfConnection, type Decide } from './first-request.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
 import { closeListener, Ticket, ticketOf, type Admission } from './ticket.js'
@@ -157,7 +158,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     const priority = levelOrPicker(resolved.priority ??
       (resolved.group === undefined ? undefined : options.groupPriorities.get(resolved.group)) ?? options.priority)
 
-    const admit = (request: FastifyRequest, reply: FastifyReply, done: Done, payload: unknown): void => {
+    const decide: Decide = (request, reply, done, payload) => {
       const level = typeof priority === 'number' ? priority : levelOf(priority, request)
       if (typeof level !== 'number') {
         done(level)
@@ -170,6 +171,12 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
         rejecter.reject(admission.limiter, request, reply, reason)
       }
     }
+    const admit: Decide = limiter.watchesLoop
+      ? (request, reply, done, payload) => {
+          if (isFirstOfConnection(request)) decideAfterTwoTurns(decide, admission, request, reply, done, payload)
+          else decide(request, reply, done, payload)
+        }
+      : decide
     // Route-level hooks run after the instance's own hooks of the same stage;
     // ours goes first among them so that a refused request costs no more.
     // A request refused at once costs no allocation and no listener. The

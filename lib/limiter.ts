@@ -154,6 +154,8 @@ export class Limiter {
   readonly #queueFollowsLimit: boolean
   /** Event-loop-aware admission; null: no bound. */
   readonly #loop: LoopAdmission | null
+  /** The pool has a `maxEventLoopDelay`: its work is taken to hold the event loop. */
+  readonly watchesLoop: boolean
   readonly #source: PermitSource | null
 
   inFlight = 0
@@ -199,6 +201,7 @@ export class Limiter {
     this.name = name
     const maxLoopDelay = settings.maxEventLoopDelay ?? 0
     this.#loop = maxLoopDelay > 0 ? new LoopAdmission(maxLoopDelay, turn) : null
+    this.watchesLoop = this.#loop !== null
     this.settings = settings
     this.maxConcurrency = settings.maxConcurrency
     this.queueTimeout = settings.queueTimeout
@@ -312,6 +315,11 @@ export class Limiter {
   /** The waiter a freed slot goes to: the oldest of the most important class waiting. */
   #first (): Waiter | null {
     return this.#heads[CRITICAL] ?? this.#heads[NORMAL] ?? this.#heads[SHEDDABLE]
+  }
+
+  /** Counts a client that left before its request was decided on (see first-request.ts). */
+  countAbandoned (): void {
+    this.#abandoned++
   }
 
   /** Takes a waiter whose client left out of the queue. */

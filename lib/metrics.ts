@@ -15,7 +15,7 @@ export const METRICS = {
   limit: 'Requests the pool admits at once now (maxConcurrency, or the adaptive limit in force)',
   max_queue: 'Requests the pool\'s queue holds at most now',
   requests_total: 'Requests that asked the pool for a slot, by result: admitted, queue_full, queue_timeout, closing, overloaded, ' +
-    'store_unavailable or abandoned (the client left while queued); those still queued are not counted yet',
+    'store_unavailable or abandoned (the client left before it got a slot); those still queued are not counted yet',
   priority_requests_total: 'Requests of each priority class, by result: admitted, or rejected (any reason)',
   queue_wait_seconds: 'Time in the queue of the requests admitted from it',
   connections_open: 'Open connections counted against maxConnections',

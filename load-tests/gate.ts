@@ -42,7 +42,8 @@ export interface GateInput {
    * at 5x the capacity the same server showed just before: the p99 of the
    * server's event-loop delay, held to a multiple of the bound.
    */
-  cpu?: { eventLoopDelayP99Ms: number, boundMs: number, maxRatio: number }
+  /** The CPU-bound route at 5x: goodput against the capacity measured on the same server just before. */
+  cpu?: { eventLoopDelayP99Ms: number, boundMs: number, maxRatio: number, goodputPerS: number, capacityPerS: number, minGoodputRatio: number }
   /**
    * An adaptive limit with nothing else set, in open loop at 1,200/s against
    * a downstream whose parallel calls step from 20 to 5: goodput in each
@@ -100,13 +101,17 @@ function stormCheck (storm: GateInput['storm']): Check {
   }
 }
 
-function cpuCheck (cpu: NonNullable<GateInput['cpu']>): Check {
+function cpuChecks (cpu: NonNullable<GateInput['cpu']>): Check[] {
   const bound = cpu.boundMs * cpu.maxRatio
-  return {
+  return [{
     name: `CPU-bound route at 5x: event-loop delay p99 <= ${cpu.maxRatio} x maxEventLoopDelay`,
     pass: cpu.eventLoopDelayP99Ms <= bound,
     detail: `p99 ${cpu.eventLoopDelayP99Ms.toFixed(1)} ms, bound ${bound.toFixed(0)} ms`
-  }
+  }, {
+    name: `CPU-bound route at 5x: goodput >= ${cpu.minGoodputRatio} x capacity`,
+    pass: cpu.goodputPerS >= cpu.minGoodputRatio * cpu.capacityPerS,
+    detail: `${cpu.goodputPerS.toFixed(0)}/s = ${(100 * cpu.goodputPerS / cpu.capacityPerS).toFixed(1)}% of ${cpu.capacityPerS.toFixed(0)}/s measured on the same server just before`
+  }]
 }
 
 function adaptiveCheck (adaptive: NonNullable<GateInput['adaptive']>): Check {
@@ -157,7 +162,7 @@ export function checkGate (input: GateInput): Check[] {
       pass: input.moderate.errors === 0 && input.moderate.timeouts === 0 && input.moderate.non2xx === 0,
       detail: `errors ${input.moderate.errors}, timeouts ${input.moderate.timeouts}, non-2xx ${input.moderate.non2xx}`
     },
-    ...(input.cpu === undefined ? [] : [cpuCheck(input.cpu)]),
+    ...(input.cpu === undefined ? [] : cpuChecks(input.cpu)),
     ...(input.adaptive === undefined ? [] : [adaptiveCheck(input.adaptive)])
   ]
 }

@@ -42,10 +42,12 @@ t.test('each broken invariant fails its own check', async (t) => {
   t.same(failing({ ...good, floor, overload: { ...good.overload, timeouts: 165 } }), [])
   t.same(failing({ ...good, floor, overload: { ...good.overload, timeouts: 166 } }), ['client timeouts at 10x <= 1% of refusals, over the machine\'s floor'])
   t.match(checkGate({ ...good, floor }).find((c) => c.name.startsWith('client timeouts'))?.detail, /fixed-503 node:http server: 50 timeouts, 10000 503s \(0\.50%\)/)
-  const cpu = { eventLoopDelayP99Ms: 75, boundMs: 50, maxRatio: 1.5 }
+  const cpu = { eventLoopDelayP99Ms: 75, boundMs: 50, maxRatio: 1.5, goodputPerS: 300, capacityPerS: 500, minGoodputRatio: 0.6 }
   t.same(failing({ ...good, cpu }), [])
   t.same(failing({ ...good, cpu: { ...cpu, eventLoopDelayP99Ms: 75.1 } }), ['CPU-bound route at 5x: event-loop delay p99 <= 1.5 x maxEventLoopDelay'])
-  t.equal(checkGate({ ...good, cpu }).at(-1)?.detail, 'p99 75.0 ms, bound 75 ms')
+  t.same(failing({ ...good, cpu: { ...cpu, goodputPerS: 299 } }), ['CPU-bound route at 5x: goodput >= 0.6 x capacity'])
+  const cpuDetails = checkGate({ ...good, cpu }).slice(-2).map((check) => check.detail)
+  t.same(cpuDetails, ['p99 75.0 ms, bound 75 ms', '300/s = 60.0% of 500/s measured on the same server just before'])
   const adaptive = { goodputRatios: [0.95, 0.8], minRatio: 0.8 }
   t.same(failing({ ...good, adaptive }), [])
   t.same(failing({ ...good, adaptive: { ...adaptive, goodputRatios: [0.95, 0.79] } }), ['adaptive limit: goodput >= 0.8 x capacity in every phase'])

@@ -1,8 +1,10 @@
 import t from 'tap'
+import { connect as netConnect, type Socket } from 'node:net'
+import { connect as h2connect } from 'node:http2'
 import Fastify from 'fastify'
-import concurrencyLimit, { OverloadedError } from '../lib/index.js'
+import concurrencyLimit, { channels, OverloadedError } from '../lib/index.js'
 import { Limiter } from '../lib/limiter.js'
-import { build, client, get, listen, type Answer } from './helpers/server.js'
+import { build, client, get, listen, waitFor, type Answer } from './helpers/server.js'
 
 /** Keeps the CPU busy for `ms`, as a handler that renders or parses would. */
 function burn (ms: number): void {
@@ -152,4 +154,97 @@ t.test('a group given other bounds by two routes is refused', async (t) => {
   t.throws(() => app.get('/b', { config: { concurrencyLimit: { group: 'g', maxEventLoopDelay: 40 } } }, async () => 'b'),
     { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /sets other limits for group "g"/ })
   await app.close()
+})
+
+t.test('a new connection whose client left after sending its request is not served', async (t) => {
+  const app = await build(t, { maxEventLoopDelay: BOUND })
+  let served = 0
+  app.get('/cpu', async () => { served++; burn(1); return 'ok' })
+  // A pool without the bound decides on every request at once, as before.
+  app.get('/light', { config: { concurrencyLimit: { maxEventLoopDelay: 0 } } }, async () => { served++; return 'ok' })
+  const port = Number(new URL(await listen(app)).port)
+  const events: string[] = []
+  const onAbandon = (message: unknown): void => { events.push((message as { pool: string }).pool) }
+  channels.abandon.subscribe(onAbandon)
+  t.teardown(() => { channels.abandon.unsubscribe(onAbandon) })
+  // What a client that gave up leaves in the accept queue: a request, then
+  // the connection's end (a FIN) or a reset. Node reads the request a turn
+  // before it sees the end.
+  const sendAndLeave = async (path: string, leave: 'destroy' | 'resetAndDestroy'): Promise<void> => {
+    await new Promise<void>((resolve) => {
+      const socket = netConnect(port, '127.0.0.1', () => {
+        socket.write(`GET ${path} HTTP/1.1\r\nHost: localhost\r\n\r\n`)
+        socket[leave]()
+      })
+      socket.on('error', () => {})
+      socket.on('close', () => { resolve() })
+    })
+  }
+  for (const leave of ['destroy', 'resetAndDestroy'] as const) {
+    for (let i = 0; i < 3; i++) await sendAndLeave('/cpu', leave)
+  }
+  await waitFor(() => app.concurrencyLimit.stats().abandoned === 6)
+  t.equal(served, 0, 'no handler ran for the six clients that left')
+  t.match(app.concurrencyLimit.stats(), { admitted: 0, abandoned: 6, inFlight: 0, queued: 0 }, 'counted as clients that left, with no slot taken')
+  t.same(events, Array(6).fill('default'), 'and published on the abandon channel')
+
+  await sendAndLeave('/light', 'destroy')
+  await waitFor(() => app.concurrencyLimit.stats('GET /light').completed === 1)
+  t.equal(served, 1, 'a pool without the bound runs the handler of a client that left, as Fastify does')
+
+  // A client that stays is served on a new connection and on a kept-alive one.
+  const pool = client(t, `http://127.0.0.1:${port}`, 1)
+  t.equal((await get(pool, '/cpu')).statusCode, 200)
+  t.equal((await get(pool, '/cpu')).statusCode, 200)
+  t.equal(served, 3)
+  t.match(app.concurrencyLimit.stats(), { admitted: 2, abandoned: 6, inFlight: 0 })
+})
+
+t.test('the first requests of many new connections read in one turn are judged where their work runs', async (t) => {
+  const app = await build(t, { maxEventLoopDelay: BOUND, rejectDelay: 0 })
+  let served = 0
+  app.get('/cpu', async () => { served++; burn(WORK); return 'ok' })
+  const port = Number(new URL(await listen(app)).port)
+  // Twenty connections, accepted by the server before any of them sends.
+  let accepted = 0
+  app.server.on('connection', () => { accepted++ })
+  const sockets = await Promise.all(Array.from({ length: 20 }, async () => await new Promise<Socket>((resolve) => {
+    const socket = netConnect(port, '127.0.0.1', () => { resolve(socket) })
+  })))
+  t.teardown(() => { for (const socket of sockets) socket.destroy() })
+  await waitFor(() => accepted === 20)
+  // All twenty requests reach the server's socket buffers at once: one turn reads them.
+  const statuses = sockets.map(async (socket) => await new Promise<number>((resolve) => {
+    socket.once('data', (chunk: Buffer) => { resolve(Number(chunk.toString('latin1').slice(9, 12))) })
+  }))
+  for (const socket of sockets) socket.write('GET /cpu HTTP/1.1\r\nHost: localhost\r\n\r\n')
+  const answers = await Promise.all(statuses)
+  const ok = answers.filter((status) => status === 200).length
+  t.equal(ok + answers.filter((status) => status === 503).length, 20, 'each was served or refused')
+  // Decided as they were read, all twenty would have run in one turn of 300 ms.
+  t.ok(ok <= 12, `${ok} of 20 served: a turn of ${WORK} ms requests stops near twice the bound`)
+  t.ok(ok >= 1)
+  t.equal(served, ok)
+  t.equal(app.concurrencyLimit.stats().rejected.overloaded, 20 - ok)
+})
+
+t.test('HTTP/2: a pool with the bound serves streams at once', async (t) => {
+  const app = Fastify({ http2: true, forceCloseConnections: true })
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, { maxEventLoopDelay: BOUND })
+  app.get('/cpu', async () => { burn(1); return 'ok' })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const session = h2connect(`http://127.0.0.1:${port}`)
+  t.teardown(() => session.close())
+  const status = async (): Promise<number> => await new Promise<number>((resolve, reject) => {
+    const stream = session.request({ ':path': '/cpu' })
+    stream.on('response', (headers) => { resolve(Number(headers[':status'])) })
+    stream.on('error', reject)
+    stream.resume()
+    stream.end()
+  })
+  t.same(await Promise.all([status(), status(), status()]), [200, 200, 200])
+  await waitFor(() => app.concurrencyLimit.stats().completed === 3)
+  t.match(app.concurrencyLimit.stats(), { admitted: 3, completed: 3, inFlight: 0 })
 })

@@ -81,7 +81,10 @@ export async function ci (): Promise<boolean> {
     overload: { goodputPerS: overload.goodputPerS, p99OkMs: serverP99, clientP99OkMs: overload.latencyOk.p99, errors: overload.errors, refused: overload.rejected, timeouts: overload.timeouts },
     maxTimeoutRatio: 0.01,
     floor: { refused: floor.rejected, timeouts: floor.timeouts },
-    cpu: { eventLoopDelayP99Ms: cpu.serverEldP99, boundMs: BOUND_MS, maxRatio: 1.5 },
+    // The lab's 8 s runs measured 78-100%; a 6 s run weighs the first
+    // second's transient more. The check is there to catch a collapse
+    // (42-60% before turns were held short while shedding).
+    cpu: { eventLoopDelayP99Ms: cpu.serverEldP99, boundMs: BOUND_MS, maxRatio: 1.5, goodputPerS: cpu.goodputPerS, capacityPerS: cpu.capacityPerS, minGoodputRatio: 0.6 },
     adaptive: { goodputRatios: adaptivePhases.map((p) => p.goodputPct / 100), minRatio: 0.8 },
     moderate: { errors: moderate.errors, timeouts: moderate.timeouts, non2xx: Math.round(moderate.rejectedPerS * moderate.durationS) },
     minGoodputRatio: 0.9,
