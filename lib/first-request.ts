@@ -1,9 +1,7 @@
-import type { ServerResponse } from 'node:http'
 import { performance } from 'node:perf_hooks'
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import type { Admission } from './ticket.js'
+import { clientGone, type Admission, type Done } from './ticket.js'
 
-type Done = (err?: Error | null, payload?: unknown) => void
 /** Decides on a request: a slot, a place in the queue, or a refusal. */
 export type Decide = (request: FastifyRequest, reply: FastifyReply, done: Done, payload: unknown) => void
 
@@ -41,7 +39,7 @@ function secondTurn (decide: Decide, admission: Admission, request: FastifyReque
 }
 
 function decideIfThere (decide: Decide, admission: Admission, request: FastifyRequest, reply: FastifyReply, done: Done, payload: unknown, readAt: number): void {
-  if (request.raw.socket.destroyed || (reply.raw as ServerResponse).closed) {
+  if (clientGone(request, reply)) {
     // Nothing was taken: no slot to give back, no answer to send.
     admission.limiter.countAbandoned()
     admission.reporter.abandoned(request, admission.limiter.name, performance.now() - readAt)

@@ -24,7 +24,7 @@ import { registerMetrics } from './metrics.js'
 import { decideAfterTwoTurns, isFirstOfConnection, type Decide } from './first-request.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
-import { closeListener, Ticket, ticketOf, type Admission } from './ticket.js'
+import { closeListener, Ticket, ticketOf, type Admission, type Done } from './ticket.js'
 
 export type { ConnectionStats } from './connection-guard.js'
 export { channels } from './diagnostics.js'
@@ -85,7 +85,6 @@ declare module 'fastify' {
   }
 }
 
-type Done = (err?: Error | null, payload?: unknown) => void
 type Handler = (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply) => unknown
 
 const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts) => {

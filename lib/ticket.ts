@@ -13,7 +13,7 @@ const RELEASED = 2
 // Pipelined behind another request of its connection: no slot asked for yet.
 const WAITING_TURN = 3
 
-type Done = (err?: Error | null, payload?: unknown) => void
+export type Done = (err?: Error | null, payload?: unknown) => void
 
 /**
  * What every request of one limited route shares: its pool, how it is
@@ -190,9 +190,7 @@ export class Ticket implements Waiter {
    * a tick after the socket or stream is destroyed: this sees it in between.
    */
   gone (): boolean {
-    const stream = streamOf(this.request)
-    if (stream !== undefined) return stream.destroyed
-    return this.request.raw.socket.destroyed || (this.reply.raw as ServerResponse).closed
+    return clientGone(this.request, this.reply)
   }
 
   admit (): boolean {
@@ -297,6 +295,13 @@ function fulfilledThen (this: FastifyReply, fulfilled?: () => void): void {
  */
 function settleReply (reply: FastifyReply): void {
   Object.defineProperty(reply, 'then', { value: fulfilledThen, configurable: true, writable: true })
+}
+
+/** True once a request's client can no longer be answered (see `Ticket.gone`). */
+export function clientGone (request: FastifyRequest, reply: FastifyReply): boolean {
+  const stream = streamOf(request)
+  if (stream !== undefined) return stream.destroyed
+  return request.raw.socket.destroyed || (reply.raw as ServerResponse).closed
 }
 
 function streamOf (request: FastifyRequest): Http2Stream | undefined {
