@@ -145,7 +145,12 @@ t.test('client leaves during an async hook after admission: the handler is skipp
   let handlerRan = false
   let hookDone = false
   app.get('/guarded', {
-    preHandler: async () => { await sleep(100); hookDone = true }
+    // Ends once the server has seen the client leave, however late.
+    preHandler: async (request) => {
+      const socket = request.raw.socket
+      if (!socket.closed) await new Promise((resolve) => socket.once('close', resolve))
+      hookDone = true
+    }
   }, async () => { handlerRan = true; return 'x' })
   const origin = await listen(app)
   await abortAfter(`${origin}/guarded`, { ms: 30 })
@@ -190,6 +195,9 @@ t.test('a waiter whose socket is destroyed just before its turn is skipped', asy
   const first = get(pool, '/hold?id=first')
   await waitFor(() => gauge.current === 1)
   const second = get(pool, '/hold?id=second').catch((err: Error) => err)
+  // The two waiters come on connections of their own: one at a time, so
+  // that the second is first in the queue.
+  await waitFor(() => app.concurrencyLimit.stats().queued === 1)
   const third = get(pool, '/hold?id=third')
   await waitFor(() => app.concurrencyLimit.stats().queued === 2)
   gauge.open()
