@@ -158,6 +158,8 @@ if (settings.emptyHooks === true) {
     scope.addHook('onResponse', (_request, _reply, done) => { done() })
     scope.get('/hello-hooks', async () => 'hello')
   })
+  // The plugin's own shape: one route-level onRequest hook.
+  app.get('/hello-hook', { onRequest: (_request, _reply, done) => { done() } }, async () => 'hello')
 }
 app.get('/hello', async () => 'hello')
 

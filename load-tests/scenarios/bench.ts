@@ -29,7 +29,9 @@ export async function bench (): Promise<ScenarioResult> {
       path: '/hello'
     },
     // The yardstick: what two empty hooks cost, measured the same way.
-    { name: 'two empty hooks, no plugin', settings: { ...base, variant: 'bare', emptyHooks: true }, path: '/hello-hooks' }
+    { name: 'two empty hooks, no plugin', settings: { ...base, variant: 'bare', emptyHooks: true }, path: '/hello-hooks' },
+    // What the plugin cannot go below while it decides in onRequest.
+    { name: 'one empty route-level onRequest hook, no plugin', settings: { ...base, variant: 'bare', emptyHooks: true }, path: '/hello-hook' }
   ]
   const figures = await measurePaired(bare, variants, repeats, connections)
   const table: Table = {
