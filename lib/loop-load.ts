@@ -45,11 +45,14 @@ export const FIRST_HOLD_MS = 2000
 /** Longest engagement before the brake lets go to see whether it is still needed. */
 export const MAX_HOLD_MS = 16_000
 /**
- * Once engaged, the loop must fall below this within `VERIFY_MS`: holding
- * refusals back lightened it, so they were what filled it. A loop that stays
- * this busy is kept busy by something else (CPU-bound routes, a starved
- * host), and holding the refusals of its clients would only turn them into
- * timeouts.
+ * Once engaged, within `VERIFY_MS` the loop must fall below this, or the
+ * refusals below `STORM_BACK` of the storm's rate: holding refusals back
+ * lightened the loop, or slowed the clients that filled it. A loop that
+ * stays this busy while refusals keep coming as fast is kept busy by
+ * something else (CPU-bound routes, a starved host) and its clients send on
+ * their own schedule: holding their refusals would only turn them into
+ * timeouts. The rate matters where one refusal per connection per hold
+ * still keeps the loop busy, as thousands of connections in a retry storm do.
  */
 export const RELIEF_BELOW = 0.85
 export const VERIFY_MS = 1000
@@ -180,7 +183,7 @@ export class LoopLoad {
     const rate = refusals / elapsed
     this.#sampledAt = now
     if (this.engaged) {
-      if (utilization < RELIEF_BELOW) this.#relieved = true
+      if (utilization < RELIEF_BELOW || rate < this.#stormRate * STORM_BACK) this.#relieved = true
       else if (!this.#relieved && now - this.#engagedAt >= VERIFY_MS) {
         // Holding refusals back did not lighten the loop: they were not what
         // filled it. Off, and not again for a while.

@@ -72,6 +72,13 @@ export interface GateInput {
     /** maxConcurrency / service time. */
     ideal: number
     minRatio: number
+    /**
+     * The same storm from many more connections, on the same server: one
+     * refusal each per hold still keeps the loop busy, and the brake must
+     * still see the storm. Held to the same capacity; a lower bar, as the
+     * generator's own load weighs more.
+     */
+    wide?: { connections: number, pluginOkPerS: number, minRatio: number }
   }
 }
 
@@ -98,6 +105,17 @@ function stormCheck (storm: GateInput['storm']): Check {
     detail: `plugin ${storm.pluginOkPerS.toFixed(0)}/s = ${(100 * storm.pluginOkPerS / best).toFixed(1)}% of ${best.toFixed(0)}/s, needed ${expected.toFixed(0)}/s ` +
       `(capacity ${measured.toFixed(0)}/s measured at the limit: ${storm.capacityBeforePerS.toFixed(0)} before, ${storm.capacityAfterPerS.toFixed(0)} after, ` +
       `${storm.ideal.toFixed(0)}/s nominal; bare ${storm.bareOkPerS.toFixed(0)}/s)`
+  }
+}
+
+function wideStormCheck (storm: GateInput['storm'], wide: NonNullable<GateInput['storm']['wide']>): Check {
+  const measured = (storm.capacityBeforePerS + storm.capacityAfterPerS) / 2
+  const best = Math.min(storm.ideal, measured)
+  const expected = best * wide.minRatio
+  return {
+    name: `retry storm of ${wide.connections.toLocaleString('en-US')} connections: plugin goodput >= ${wide.minRatio} x capacity`,
+    pass: wide.pluginOkPerS >= expected,
+    detail: `plugin ${wide.pluginOkPerS.toFixed(0)}/s = ${(100 * wide.pluginOkPerS / best).toFixed(1)}% of ${best.toFixed(0)}/s, needed ${expected.toFixed(0)}/s`
   }
 }
 
@@ -157,6 +175,7 @@ export function checkGate (input: GateInput): Check[] {
         (input.floor === undefined ? '' : `; fixed-503 node:http server: ${input.floor.timeouts} timeouts, ${input.floor.refused} 503s (${(100 * floorRatio).toFixed(2)}%)`)
     },
     stormCheck(input.storm),
+    ...(input.storm.wide === undefined ? [] : [wideStormCheck(input.storm, input.storm.wide)]),
     {
       name: 'no socket errors at moderate load',
       pass: input.moderate.errors === 0 && input.moderate.timeouts === 0 && input.moderate.non2xx === 0,

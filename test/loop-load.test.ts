@@ -145,7 +145,7 @@ t.test('a loop that stays saturated while refusals are held was not filled by th
   t.equal(misjudged, 1, 'what it held is answered')
   t.same(new Set(hold(1, FIRST_SUPPRESS_MS - SAMPLE_MS, 4 * MIN_REFUSALS)), new Set([false]), 'off for FIRST_SUPPRESS_MS, however saturated')
   t.equal(engage(), true, 'then it may engage again')
-  t.equal(hold(1, VERIFY_MS).at(-1), false, 'misjudged again')
+  t.equal(hold(1, VERIFY_MS, MIN_REFUSALS).at(-1), false, 'misjudged again')
   t.same(new Set(hold(1, 2 * FIRST_SUPPRESS_MS - SAMPLE_MS, 4 * MIN_REFUSALS)), new Set([false]), 'off twice as long')
   t.equal(engage(), true)
   // This time holding lightens the loop: a storm. It holds, then lets go,
@@ -154,6 +154,22 @@ t.test('a loop that stays saturated while refusals are held was not filled by th
   t.same(new Set(hold(0.9, 3 * VERIFY_MS, SLOWED)), new Set([true]), 'relieved once: kept on while the loop is busy')
   t.equal(sample(0.1, SLOWED), false, 'released below RELEASE_BELOW after the hold')
   t.equal(MAX_SUPPRESS_MS, 8 * FIRST_SUPPRESS_MS)
+})
+
+t.test('a loop that stays saturated while holding slows the refusals below half the storm\'s rate: the storm, kept on', async (t) => {
+  const { load, sample, hold, engage } = virtual()
+  let misjudged = 0
+  load.onMisjudged = () => { misjudged++ }
+  // Thousands of connections: one refusal each per hold still fills the loop.
+  t.equal(engage(), true)
+  t.same(new Set(hold(1, 3 * VERIFY_MS, MIN_REFUSALS * STORM_BACK - 1)), new Set([true]), 'engaged past VERIFY_MS')
+  t.equal(misjudged, 0)
+  t.equal(sample(RELEASE_BELOW - 0.01, SLOWED), false, 'let go once the loop is idle enough, after the hold')
+  // At half the storm's rate, the clients were not slowed: their own schedule.
+  t.equal(engage(), true, 'engaged again')
+  const held = hold(1, VERIFY_MS, MIN_REFUSALS * STORM_BACK)
+  t.equal(held.at(-1), false, 'misjudged at VERIFY_MS')
+  t.equal(misjudged, 1)
 })
 
 t.test('the same storm within a hold of letting go: engaged on one sample, for twice as long, up to MAX_HOLD_MS', async (t) => {

@@ -42,6 +42,8 @@ export async function ci (): Promise<boolean> {
   // busy machine; holding the storm to the nominal failed one run in four.
   const stormSettings: ServerSettings = { ...base, maxConcurrency: 100, maxQueue: 100, queueTimeout: 1000, serviceTime: 20 }
   const stormConnections = 1000
+  // Where one refusal per connection per hold still fills the loop.
+  const wideStormConnections = 5000
   progress(`gate: retry storm, bare (${stormConnections} connections, 8 s)`)
   const bareStorm = await withTarget({ ...stormSettings, variant: 'bare' }, async (target) => (await closedLoop(`${target.origin}/work`, stormConnections, 8)).okPerS)
   const pluginStorm = await withTarget({ ...stormSettings, variant: 'plugin' }, async (target) => {
@@ -52,8 +54,10 @@ export async function ci (): Promise<boolean> {
     const before = await atLimit('before')
     progress(`gate: retry storm, plugin (${stormConnections} connections, 8 s)`)
     const okPerS = (await closedLoop(`${target.origin}/work`, stormConnections, 8)).okPerS
+    progress(`gate: retry storm, plugin (${wideStormConnections} connections, 8 s)`)
+    const wideOkPerS = (await closedLoop(`${target.origin}/work`, wideStormConnections, 8)).okPerS
     const after = await atLimit('after')
-    return { before, okPerS, after }
+    return { before, okPerS, wideOkPerS, after }
   })
   // A CPU-bound route: the in-flight count never rises, the event-loop bound
   // must keep the loop serving.
@@ -94,7 +98,9 @@ export async function ci (): Promise<boolean> {
       capacityBeforePerS: pluginStorm.before,
       capacityAfterPerS: pluginStorm.after,
       ideal: capacity(stormSettings.maxConcurrency, stormSettings.serviceTime),
-      minRatio: 0.8
+      minRatio: 0.8,
+      // The lab measured 86-95%; 9% when the brake let go of such a storm.
+      wide: { connections: wideStormConnections, pluginOkPerS: pluginStorm.wideOkPerS, minRatio: 0.5 }
     }
   })
   // Worker recycling: a few recycles in a short run, counted, never timed.
