@@ -37,7 +37,8 @@ export const SAMPLE_EVERY_REFUSALS = 1024
 export const RELEASE_BELOW = 0.7
 /**
  * Refusal rate, as a share of the storm's rate while the loop saturated,
- * above which refusals are back within a hold of letting go: the same storm.
+ * above which refusals are back within a hold of letting go: the same storm;
+ * below which, engaged, the brake has slowed the storm (see `RELIEF_BELOW`).
  */
 export const STORM_BACK = 0.5
 /** Shortest engagement; doubled each time the storm is back soon after a release. */
