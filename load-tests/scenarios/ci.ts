@@ -99,7 +99,7 @@ export async function ci (): Promise<boolean> {
       capacityAfterPerS: pluginStorm.after,
       ideal: capacity(stormSettings.maxConcurrency, stormSettings.serviceTime),
       minRatio: 0.8,
-      // The lab measured 86-87% and a gate run 91%; 9% when the brake let go of such a storm.
+      // The lab measured 86-87% and gate runs 82-91%; 9% when the brake let go of such a storm.
       wide: { connections: wideStormConnections, pluginOkPerS: pluginStorm.wideOkPerS, minRatio: 0.5 }
     }
   })
