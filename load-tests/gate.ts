@@ -95,8 +95,13 @@ export function capacity (maxConcurrency: number, serviceTimeMs: number): number
  * clean run in four: a 20 ms timer fires late, so the route's real capacity
  * is about a tenth lower, and lower still on a busy runner.
  */
+/** The storm's capacity measured at the limit: the mean of before and after. */
+function measuredStormCapacity (storm: GateInput['storm']): number {
+  return (storm.capacityBeforePerS + storm.capacityAfterPerS) / 2
+}
+
 function stormCheck (storm: GateInput['storm']): Check {
-  const measured = (storm.capacityBeforePerS + storm.capacityAfterPerS) / 2
+  const measured = measuredStormCapacity(storm)
   const best = Math.min(storm.ideal, measured, storm.bareOkPerS)
   const expected = best * storm.minRatio
   return {
@@ -109,8 +114,7 @@ function stormCheck (storm: GateInput['storm']): Check {
 }
 
 function wideStormCheck (storm: GateInput['storm'], wide: NonNullable<GateInput['storm']['wide']>): Check {
-  const measured = (storm.capacityBeforePerS + storm.capacityAfterPerS) / 2
-  const best = Math.min(storm.ideal, measured)
+  const best = Math.min(storm.ideal, measuredStormCapacity(storm))
   const expected = best * wide.minRatio
   return {
     name: `retry storm of ${wide.connections.toLocaleString('en-US')} connections: plugin goodput >= ${wide.minRatio} x capacity`,
