@@ -7,7 +7,7 @@ import type { Chart, ScenarioResult, Series, Table } from './report.js'
 import { formatNumber, formatSpread, median, spread } from './stats.js'
 
 /** The story: what breaks, what the plugin saves, the costs, then the kernel. */
-export const ORDER = ['explosion', 'goodput', 'threads', 'deadlock', 'retry-storm', 'pooled-client', 'cpu', 'priority', 'adaptive', 'reject-cost', 'bench', 'memory', 'backlog']
+export const ORDER = ['explosion', 'goodput', 'threads', 'deadlock', 'retry-storm', 'pooled-client', 'cpu', 'priority', 'adaptive', 'reject-cost', 'bench', 'instructions', 'memory', 'backlog']
 
 /** Above this event-loop lag (p99, ms) the open-loop generator no longer sends on schedule. */
 export const GENERATOR_LAG_LIMIT_MS = 50

@@ -1,5 +1,6 @@
 // The load-test lab. Usage: node load-tests/.out/run.js <scenario> [--flags]
 //   bench       overhead of the plugin on hello-world (req/s, server CPU per request)
+//   instructions the same as instructions per request, counted under valgrind (needs valgrind)
 //   explosion   closed-loop connection sweep, bare vs plugin
 //   goodput     open-loop goodput at multiples of capacity, and a step profile
 //   threads     a new worker thread per request vs a bounded pool behind the plugin
@@ -14,7 +15,7 @@
 //   adaptive    an adaptive limit against a downstream whose capacity changes
 //   fleet       three instances sharing a group through Redis (needs redis-server): kill -9, Redis restart
 //   recycle     runCluster under keep-alive load with a leaking route: no recycling, maxRssMb, maxRequests
-//   all         every scenario above but bench (fleet only if redis-server is on PATH), then the HTML report
+//   all         every scenario above but bench and instructions (fleet only if redis-server is on PATH), then the HTML report
 //   ci          short profile that fails when an invariant breaks
 import { checkFdLimit, list, positionals, progress, resultsDir, save } from './lab.js'
 import { writeHtmlReport } from './report.js'
@@ -27,6 +28,7 @@ import { deadlock } from './scenarios/deadlock.js'
 import { explosion } from './scenarios/explosion.js'
 import { fleet, redisServerAvailable } from './scenarios/fleet.js'
 import { goodput } from './scenarios/goodput.js'
+import { instructions } from './scenarios/instructions.js'
 import { memory } from './scenarios/memory.js'
 import { pooledClient } from './scenarios/pooled-client.js'
 import { priority } from './scenarios/priority.js'
@@ -41,6 +43,11 @@ switch (scenario) {
   case 'bench':
     save(await bench())
     break
+  case 'instructions': {
+    const result = await instructions()
+    if (result !== null) save(result)
+    break
+  }
   case 'explosion':
     save(await explosion())
     break
@@ -107,6 +114,6 @@ switch (scenario) {
     if (!await ci()) process.exitCode = 1
     break
   default:
-    console.error(`unknown scenario "${scenario}": use bench, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, priority, adaptive, fleet, recycle, all, report or ci`)
+    console.error(`unknown scenario "${scenario}": use bench, instructions, explosion, goodput, threads, deadlock, reject-cost, retry-storm, backlog, memory, pooled-client, cpu, priority, adaptive, fleet, recycle, all, report or ci`)
     process.exitCode = 2
 }
