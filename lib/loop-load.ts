@@ -30,9 +30,13 @@ export const MIN_REFUSALS = MIN_REFUSALS_PER_S * SAMPLE_MS / 1000
 /**
  * A loop flooded with requests fires its timers late: libuv polls up to
  * some 48,000 events before it runs them again. So refusals also take the
- * sample once it is due, every this many of them.
+ * sample once it is due, every this many of them. At the onset of a storm
+ * of 1,000 connections, refusals came at about 4,000 a second while the
+ * loop took in the connections: sampled every 1,024 of them, the brake
+ * engaged some 450 ms after the first refusal; every 128, after some 150 ms.
+ * A clock read per 128 refusals costs nothing measurable.
  */
-export const SAMPLE_EVERY_REFUSALS = 1024
+export const SAMPLE_EVERY_REFUSALS = 128
 /** Once engaged, utilization over one sample below which the brake may let go. */
 export const RELEASE_BELOW = 0.7
 /**

@@ -48,6 +48,8 @@ export interface ServerSettings {
   underPressure?: Record<string, unknown>
   /** /work-{critical,normal,sheddable} carry their class (else all are normal). */
   priorities?: boolean
+  /** Return every 2xx of /work in stats (`oks`), for figures over part of a run. */
+  recordOks?: boolean
   /**
    * The downstream's parallel calls over time, from the last 'reset':
    * [seconds, slots] steps. The server then samples its pool every 100 ms.
@@ -68,7 +70,7 @@ export interface ServerStats {
   okLatency: { count: number, p50: number, p99: number, max: number }
   /** With a downstream schedule: [ms, limit, in flight, downstream slots] every 100 ms. */
   timeline?: Array<[number, number, number, number]>
-  /** With a downstream schedule: [finished at ms, latency ms] of each 2xx. */
+  /** With a downstream schedule or `recordOks`: [finished at ms, latency ms] of each 2xx. */
   oks?: Array<[number, number]>
 }
 
@@ -352,9 +354,10 @@ function stats (): ServerStats {
     threadsPeak,
     plugin: settings.variant === 'plugin' ? app.concurrencyLimit.stats() : null,
     okLatency: { count: okCount, ...summarize(Array.from(okLatencies.subarray(0, okCount))) },
-    ...(settings.downstreamSchedule === undefined
+    ...(settings.downstreamSchedule === undefined ? {} : { timeline }),
+    ...(settings.downstreamSchedule === undefined && settings.recordOks !== true
       ? {}
-      : { timeline, oks: Array.from(okAt.subarray(0, okCount), (at, i) => [Math.round(at), Math.round(okLatencies[i] * 10) / 10] as [number, number]) })
+      : { oks: Array.from(okAt.subarray(0, okCount), (at, i) => [Math.round(at), Math.round(okLatencies[i] * 10) / 10] as [number, number]) })
   }
 }
 

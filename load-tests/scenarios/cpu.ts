@@ -3,8 +3,9 @@
 // limit alone never engages. What does the event-loop bound do, against bare
 // Fastify and @fastify/under-pressure at the same bound?
 import { closedLoop } from '../closedloop.js'
-import { machine, num, progress, round, settingsBase, withTarget } from '../lab.js'
+import { machine, num, progress, round, settingsBase, values, withTarget } from '../lab.js'
 import { openLoop } from '../openloop.js'
+import { openLoopRaw } from '../openloop-raw.js'
 import type { ScenarioResult, Series, Table } from '../report.js'
 import type { ServerSettings } from '../server.js'
 import { median } from '../stats.js'
@@ -47,17 +48,30 @@ export const cpuVariants = (bound = BOUND_MS): Array<{ name: string, settings: S
   ]
 }
 
+export type Generator = 'raw' | 'undici'
+
+/** The `--generator` flag: which open-loop generator loads the CPU-bound route. */
+export function generatorFlag (): Generator {
+  const generator = values.generator
+  if (generator !== 'raw' && generator !== 'undici') throw new Error(`--generator: raw or undici, not ${String(generator)}`)
+  return generator
+}
+
 /**
  * What one server serves of /cpu-sync at `multiple` times its capacity,
  * measured first on the same server by a closed loop of a few connections
  * (nothing is refused there: one request at a time takes the whole loop).
+ * The generator is undici's unless told; `raw` is the one on node:net,
+ * which takes a fraction of undici's CPU (at 10x, undici's took 0.5-1.9 of
+ * the machine's 2 cores) but is a different client: see the README.
  */
-export async function cpuRun (settings: ServerSettings, multiple: number, durationS = DURATION_S, timeoutMs = 1000): Promise<{ result: Omit<CpuRun, 'othersCores'>, serverCpuS: number }> {
+export async function cpuRun (settings: ServerSettings, multiple: number, durationS = DURATION_S, timeoutMs = 1000, generator: Generator = 'undici'): Promise<{ result: Omit<CpuRun, 'othersCores'>, serverCpuS: number }> {
   return await withTarget(settings, async (target) => {
     const atLimit = await closedLoop(`${target.origin}/cpu-sync`, 4, 3)
     const capacityPerS = atLimit.okPerS
     await target.reset()
-    const res = await openLoop({ url: `${target.origin}/cpu-sync`, rate: capacityPerS * multiple, durationS, timeoutMs, connections: CONNECTIONS })
+    const load = generator === 'raw' ? openLoopRaw : openLoop
+    const res = await load({ url: `${target.origin}/cpu-sync`, rate: capacityPerS * multiple, durationS, timeoutMs, connections: CONNECTIONS })
     const s = await target.stats()
     return {
       result: {
@@ -83,6 +97,7 @@ export async function cpuRun (settings: ServerSettings, multiple: number, durati
 export async function cpu (): Promise<ScenarioResult> {
   const repeats = num('repeats')
   const timeoutMs = num('client-timeout')
+  const generator = generatorFlag()
   const variants = cpuVariants()
   const runs = new Map<string, CpuRun[]>()
   for (let r = 0; r < repeats; r++) {
@@ -90,7 +105,7 @@ export async function cpu (): Promise<ScenarioResult> {
       const order = r % 2 === 0 ? variants : [...variants].reverse()
       for (const v of order) {
         const what = `cpu ${multiple}x, ${v.name}`
-        const { result, othersCores } = await undisturbed(what, async () => await cpuRun(v.settings, multiple, DURATION_S, timeoutMs))
+        const { result, othersCores } = await undisturbed(what, async () => await cpuRun(v.settings, multiple, DURATION_S, timeoutMs, generator))
         const run: CpuRun = { ...result, othersCores }
         const key = `${multiple}|${v.name}`
         runs.set(key, [...(runs.get(key) ?? []), run])
@@ -114,7 +129,7 @@ export async function cpu (): Promise<ScenarioResult> {
   }
   const table: Table = {
     title: `CPU-bound route (${CPU_MS} ms of synchronous CPU per request; open loop, Poisson arrivals, ${timeoutMs} ms client timeout, ${CONNECTIONS} connections; ` +
-      `capacity measured on each server by a closed loop of 4 connections; ${DURATION_S} s x ${repeats}${repeats === 1 ? '' : ', median (min-max)'})`,
+      `capacity measured on each server by a closed loop of 4 connections; generator: ${generator === 'raw' ? 'node:net' : 'undici'}; ${DURATION_S} s x ${repeats}${repeats === 1 ? '' : ', median (min-max)'})`,
     columns: ['load', 'variant', 'capacity/s', 'offered/s', '2xx/s', '% of capacity', '503', 'client timeouts', 'p50 2xx ms (client)', 'p99 2xx ms (client)', 'p99 2xx ms (server)', 'ELD p99 ms (server)', 'connections opened', 'generator lag p99 ms', 'generator, cores', 'other processes, cores'],
     rows
   }
@@ -125,7 +140,7 @@ export async function cpu (): Promise<ScenarioResult> {
   return {
     scenario: 'cpu',
     title: 'CPU-bound route: event-loop-aware admission',
-    options: { cpuMs: CPU_MS, boundMs: BOUND_MS, duration: DURATION_S, repeats, timeoutMs, connections: CONNECTIONS },
+    options: { cpuMs: CPU_MS, boundMs: BOUND_MS, duration: DURATION_S, repeats, timeoutMs, connections: CONNECTIONS, generator },
     machine,
     tables: [table],
     charts: [{ title: 'CPU-bound route: goodput, % of measured capacity', x: 'offered load (x capacity)', y: '%', logX: true, series }],
