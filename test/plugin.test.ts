@@ -1,5 +1,5 @@
 import t from 'tap'
-import { build, listen, client, get, Gauge } from './helpers/server.js'
+import { build, listen, client, get, Gauge, waitFor } from './helpers/server.js'
 
 t.test('at most maxConcurrency handlers run at once; the queue is FIFO; the rest get 503 at once', async (t) => {
   const app = await build(t, { maxConcurrency: 3, maxQueue: 4, queueTimeout: 5000, rejectDelay: 0 })
@@ -17,8 +17,12 @@ t.test('at most maxConcurrency handlers run at once; the queue is FIFO; the rest
   const answers: Array<Promise<{ statusCode: number, headers: Record<string, unknown>, body: string }>> = []
   for (let n = 0; n < 10; n++) {
     answers.push(get(pool, `/work?n=${n}`))
-    // Arrival order is what FIFO is about: let each request reach the server.
-    await new Promise((resolve) => setTimeout(resolve, 15))
+    // Arrival order is what FIFO is about: let each request reach the
+    // server (admitted, queued or refused) before the next is sent.
+    await waitFor(() => {
+      const s = app.concurrencyLimit.stats()
+      return s.inFlight + s.queued + s.rejected.queueFull === n + 1
+    }, 5000, `request ${n} to arrive`)
   }
   t.equal(gauge.current, 3, 'three handlers are running')
   t.equal(app.concurrencyLimit.stats().queued, 4, 'four requests wait')
