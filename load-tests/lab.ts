@@ -40,8 +40,8 @@ export const { values, positionals } = parseArgs({
     duration: { type: 'string', default: '5' },
     repeats: { type: 'string', default: '3' },
     'client-timeout': { type: 'string', default: '1000' },
-    // The cpu scenario's open-loop generator: undici, or raw (node:net, lean).
-    generator: { type: 'string', default: 'undici' },
+    // The cpu scenario's open-loop generator: raw (node:net, lean) or undici.
+    generator: { type: 'string', default: 'raw' },
     // Where a run writes: its own folder under results/runs/ (not tracked)
     // unless told; --update-committed writes the tracked load-tests/results/.
     results: { type: 'string' },

@@ -61,11 +61,11 @@ export function generatorFlag (): Generator {
  * What one server serves of /cpu-sync at `multiple` times its capacity,
  * measured first on the same server by a closed loop of a few connections
  * (nothing is refused there: one request at a time takes the whole loop).
- * The generator is undici's unless told; `raw` is the one on node:net,
- * which takes a fraction of undici's CPU (at 10x, undici's took 0.5-1.9 of
- * the machine's 2 cores) but is a different client: see the README.
+ * The generator is the one on node:net unless told: at 10x undici's took
+ * 0.5-1.9 of the machine's 2 cores, and pinned to a core of its own it
+ * stalled, so that its figures measured it rather than the server.
  */
-export async function cpuRun (settings: ServerSettings, multiple: number, durationS = DURATION_S, timeoutMs = 1000, generator: Generator = 'undici'): Promise<{ result: Omit<CpuRun, 'othersCores'>, serverCpuS: number }> {
+export async function cpuRun (settings: ServerSettings, multiple: number, durationS = DURATION_S, timeoutMs = 1000, generator: Generator = 'raw'): Promise<{ result: Omit<CpuRun, 'othersCores'>, serverCpuS: number }> {
   return await withTarget(settings, async (target) => {
     const atLimit = await closedLoop(`${target.origin}/cpu-sync`, 4, 3)
     const capacityPerS = atLimit.okPerS
