@@ -148,6 +148,17 @@ export class LoopLoad {
     this.#every = options.every ?? every
   }
 
+  /**
+   * Read while engaged: engaged for long enough that the storm is not a
+   * moment's saturation. The brake has held for a first hold, or was
+   * engaged again after one. Holds grow past their first length only then,
+   * so that an engagement that a burst caused (a client opening its pool of
+   * connections against a busy server) costs a client at most the first hold.
+   */
+  get escalates (): boolean {
+    return this.#hold > FIRST_HOLD_MS || this.#now() - this.#engagedAt >= FIRST_HOLD_MS
+  }
+
   /** Whether the loop is being sampled. */
   get sampling (): boolean {
     return this.#stop !== null
@@ -169,6 +180,11 @@ export class LoopLoad {
   }
 
   #tick = (): void => {
+    // A refusal took the sample moments ago, and the timer keeps its own
+    // phase: a sample of a few milliseconds reads any burst as a saturated
+    // loop, and three of them engaged the brake on an open-loop client at
+    // 10 times capacity. The next tick takes it.
+    if (this.#now() - this.#sampledAt < SAMPLE_MS / 2) return
     this.samples++
     const utilization = this.#sample()
     const refusals = this.#refusals

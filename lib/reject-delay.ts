@@ -42,8 +42,9 @@ type Answer = (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, r
  * turn its 503s into timeouts.
  *
  * Engaged, a refusal on a connection refused within the last second is held
- * back: a second (or `maxDelay` if shorter), then twice as long each time,
- * up to `maxDelay`, each hold up to a quarter shorter at random. The first
+ * back: a second (or `maxDelay` if shorter), then, once the brake has held
+ * for a first hold of its own, twice as long each time, up to `maxDelay`,
+ * each hold up to a quarter shorter at random. The first
  * refusal on a connection is answered at once, so a client that waits for
  * Retry-After never waits longer. A storm then costs the server one refusal
  * per connection per hold, instead of flooding the event loop that admitted
@@ -100,7 +101,9 @@ export class RejectDelay {
       streak.answeredAt = now
       return false
     }
-    const delay = Math.min(this.maxDelay, streak.delay === 0 ? FIRST_DELAY : streak.delay * 2)
+    // Past the first delay only once the storm is confirmed (see `LoopLoad.escalates`).
+    const cap = load.escalates ? this.maxDelay : Math.min(this.maxDelay, FIRST_DELAY)
+    const delay = Math.min(cap, streak.delay === 0 ? FIRST_DELAY : streak.delay * 2)
     streak.delay = delay
     // Up to a quarter shorter, at random: connections held at the same
     // moment must not all come back at the same moment, a burst that

@@ -13,9 +13,7 @@
 // fewer than `connections` are open. GET only; an answer without
 // Content-Length (chunked, or ended by closing) counts as an error.
 import { connect, type Socket } from 'node:net'
-import { monitorEventLoopDelay } from 'node:perf_hooks'
-import type { OpenLoopOptions, OpenLoopResult } from './openloop.js'
-import { summarize } from './stats.js'
+import { countAnswer, countTimeout, newCounts, resultOf, sendOnSchedule, watchGenerator, type OpenLoopOptions, type OpenLoopResult } from './openloop.js'
 
 interface Pending {
   /** When it was sent (or queued for a socket): its latency and its timeout count from here. */
@@ -41,18 +39,7 @@ export async function openLoopRaw (options: OpenLoopOptions): Promise<OpenLoopRe
   const port = Number(url.port)
   const host = url.hostname
   const requestBytes = Buffer.from(`GET ${url.pathname}${url.search} HTTP/1.1\r\nhost: ${url.host}\r\n\r\n`)
-  const bucketS = options.bucketS ?? 1
-  const buckets = Math.ceil(options.durationS / bucketS)
-  const sentBy = new Array<number>(buckets).fill(0)
-  const okBy = new Array<number>(buckets).fill(0)
-  const rejectedBy = new Array<number>(buckets).fill(0)
-  const timeoutsBy = new Array<number>(buckets).fill(0)
-  const latencies: number[] = []
-  let offered = 0
-  let ok = 0
-  let rejected = 0
-  let timeouts = 0
-  let errors = 0
+  const counts = newCounts(options)
   let connectionsOpened = 0
   let open = 0
   const idle: Conn[] = []
@@ -70,19 +57,8 @@ export async function openLoopRaw (options: OpenLoopOptions): Promise<OpenLoopRe
     const elapsed = performance.now() - p.due
     // Timeouts are swept every millisecond or so: an answer past its
     // deadline that came before the sweep is a timeout all the same.
-    if (elapsed > options.timeoutMs) {
-      timeouts++
-      timeoutsBy[p.bucket]++
-    } else if (status >= 200 && status < 300) {
-      ok++
-      okBy[p.bucket]++
-      latencies.push(elapsed)
-    } else if (status === 503 || status === 429) {
-      rejected++
-      rejectedBy[p.bucket]++
-    } else {
-      errors++
-    }
+    if (elapsed > options.timeoutMs) countTimeout(counts, p.bucket)
+    else countAnswer(counts, p.bucket, status, elapsed, options.timeoutMs)
   }
 
   const dropIdle = (conn: Conn): void => {
@@ -132,7 +108,7 @@ export async function openLoopRaw (options: OpenLoopOptions): Promise<OpenLoopRe
         if (p !== null) {
           p.done = true
           p.conn = null
-          errors++
+          counts.errors++
         }
         conn.socket.destroy()
         return
@@ -176,7 +152,7 @@ export async function openLoopRaw (options: OpenLoopOptions): Promise<OpenLoopRe
       if (p !== null && !p.done) {
         p.done = true
         p.conn = null
-        errors++
+        counts.errors++
       }
       // A request still waiting for a socket gets a new one.
       if (waitingHead < waiting.length && open < options.connections) {
@@ -193,9 +169,7 @@ export async function openLoopRaw (options: OpenLoopOptions): Promise<OpenLoopRe
     conn.socket.write(requestBytes)
   }
 
-  const fire = (due: number, bucket: number): void => {
-    offered++
-    sentBy[bucket]++
+  const fire = (bucket: number, due: number): void => {
     const p: Pending = { due, bucket, conn: null, done: false }
     inFlight.push(p)
     const conn = idle.pop()
@@ -212,8 +186,7 @@ export async function openLoopRaw (options: OpenLoopOptions): Promise<OpenLoopRe
       inFlightHead++
       if (p.done) continue
       p.done = true
-      timeouts++
-      timeoutsBy[p.bucket]++
+      countTimeout(counts, p.bucket)
       // On the wire: its answer may still come, so the socket goes (as undici does).
       if (p.conn !== null && p.conn.current === p) {
         p.conn.current = null
@@ -227,45 +200,14 @@ export async function openLoopRaw (options: OpenLoopOptions): Promise<OpenLoopRe
     }
   }
 
-  const rateAt = typeof options.rate === 'function' ? options.rate : () => options.rate as number
-  const cpu = process.cpuUsage()
-  const lag = monitorEventLoopDelay({ resolution: 5 })
-  lag.enable()
-  const start = performance.now()
-  let next = start
-  for (;;) {
-    const now = performance.now()
-    const elapsedS = (now - start) / 1000
-    expire(now)
-    if (elapsedS >= options.durationS) break
-    while (next <= now) {
-      const at = (next - start) / 1000
-      fire(now, Math.min(buckets - 1, Math.floor(at / bucketS)))
-      next += -Math.log(1 - Math.random()) * 1000 / Math.max(1e-9, rateAt(at))
-    }
-    await new Promise((resolve) => setTimeout(resolve, 1))
-  }
+  const stop = watchGenerator()
+  await sendOnSchedule(options, counts, fire, expire)
   // Every request still open ends by its answer or its timeout.
   while (inFlightHead < inFlight.length) {
     expire(performance.now())
     await new Promise((resolve) => setTimeout(resolve, 5))
   }
-  lag.disable()
-  const used = process.cpuUsage(cpu)
+  const generator = stop()
   for (const conn of idle.splice(0)) conn.socket.destroy()
-  const duration = options.durationS
-  return {
-    offered,
-    offeredPerS: offered / duration,
-    ok,
-    goodputPerS: ok / duration,
-    rejected,
-    timeouts,
-    errors,
-    latencyOk: summarize(latencies),
-    connectionsOpened,
-    generatorCpuS: (used.user + used.system) / 1e6,
-    generatorLagP99Ms: lag.percentile(99) / 1e6,
-    series: sentBy.map((sent, i) => ({ t: i * bucketS, offeredPerS: sent / bucketS, goodputPerS: okBy[i] / bucketS, rejectedPerS: rejectedBy[i] / bucketS, timeoutsPerS: timeoutsBy[i] / bucketS }))
-  }
+  return resultOf(options, counts, connectionsOpened, generator)
 }

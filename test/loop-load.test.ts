@@ -67,7 +67,13 @@ function virtual () {
     clock += ms
     for (let i = 0; i < refusals; i++) load.refused()
   }
-  return { load, calls, sample, engage, hold, untilReleased, flood }
+  /** Lets `ms` pass and runs the timer's tick. */
+  const tickAfter = (ms: number): void => {
+    clock += ms
+    if (tick === null) throw new Error('not sampling')
+    tick()
+  }
+  return { load, calls, sample, engage, hold, untilReleased, flood, tickAfter }
 }
 
 t.test('nothing is sampled until a refusal; then one timer, however many refusals', async (t) => {
@@ -110,6 +116,23 @@ t.test('a flooded loop fires its timer late: refusals take the sample once it is
   t.equal(calls.samples, 2, 'taken by a refusal')
   for (let i = 1; i < ENGAGE_SAMPLES; i++) flood(SAMPLE_MS, SAMPLE_EVERY_REFUSALS)
   t.equal(load.engaged, true, 'engaged without the timer')
+})
+
+t.test('the timer skips a sample that a refusal took moments before it', async (t) => {
+  const { load, calls, flood, tickAfter } = virtual()
+  load.refused()
+  for (let round = 0; round < ENGAGE_SAMPLES; round++) {
+    // A refusal takes the sample once it is due, and the timer, on its own
+    // phase, ticks a few milliseconds later, in a burst that fills them.
+    flood(SAMPLE_MS, SAMPLE_EVERY_REFUSALS, 0.3)
+    const taken = calls.samples
+    flood(0, SAMPLE_EVERY_REFUSALS, 1)
+    tickAfter(SAMPLE_MS / 2 - 1)
+    t.equal(calls.samples, taken, `round ${round + 1}: the tick ${SAMPLE_MS / 2 - 1} ms after a sample takes none`)
+  }
+  t.equal(load.engaged, false, 'short bursts between samples do not engage the brake')
+  tickAfter(SAMPLE_MS / 2)
+  t.equal(calls.samples, ENGAGE_SAMPLES + 2, 'a tick half a sample after the last one takes it')
 })
 
 t.test('holds at least FIRST_HOLD_MS, then lets go once utilization falls below RELEASE_BELOW', async (t) => {
@@ -173,11 +196,13 @@ t.test('a loop that stays saturated while holding slows the refusals below half 
 })
 
 t.test('the same storm within a hold of letting go: engaged on one sample, for twice as long, up to MAX_HOLD_MS', async (t) => {
-  const { sample, untilReleased, engage } = virtual()
+  const { load, sample, untilReleased, engage } = virtual()
   t.equal(engage(), true)
+  t.equal(load.escalates, false, 'a new engagement: holds do not grow yet')
   const holds = [untilReleased(0)]
   for (let round = 0; round < 6; round++) {
     t.equal(sample(1), true, 'one saturated sample: the same storm')
+    t.equal(load.escalates, true, 'engaged again: holds grow at once')
     holds.push(untilReleased(0))
   }
   t.same(holds, [FIRST_HOLD_MS, 2 * FIRST_HOLD_MS, 4 * FIRST_HOLD_MS, MAX_HOLD_MS, MAX_HOLD_MS, MAX_HOLD_MS, MAX_HOLD_MS])

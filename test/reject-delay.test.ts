@@ -16,6 +16,11 @@ class SaturatedLoad extends loopLoad.LoopLoad {
 
   override update (): void {}
 
+  // A storm from the start, long confirmed: holds grow at once.
+  override get escalates (): boolean {
+    return true
+  }
+
   // Saturated for good: the storm never ends, not even when refusals pause.
   override stop (): void {
     super.stop()
@@ -236,6 +241,32 @@ t.test('the brake, unit by unit', async (t) => {
     t.equal(delay.hold(limiter, request(earlier), reply, 'queueFull'), true, 'and its retry is held')
     delay.drain()
     t.equal(answered.length, 2)
+  })
+
+  t.test('holds grow past the first only once the brake has held for a first hold', async (t) => {
+    let clock = 0
+    const load = new loopLoad.LoopLoad({ sample: () => 0, every: () => () => {}, now: () => clock })
+    const delay = new RejectDelay(4000, 10, () => {}, load)
+    t.teardown(() => { delay.drain() })
+    for (let i = 0; i < loopLoad.ENGAGE_SAMPLES; i++) {
+      clock += loopLoad.SAMPLE_MS
+      load.update(1, loopLoad.MIN_REFUSALS, clock)
+    }
+    t.equal(load.engaged, true)
+    t.equal(load.escalates, false, 'just engaged: it may be a burst')
+    const socket: Record<symbol, { delay: number }> = {}
+    const streak = (): number => socket[Object.getOwnPropertySymbols(socket)[0]].delay
+    t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), false, 'a first try')
+    t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), true)
+    t.equal(streak(), 1000)
+    t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), true)
+    t.equal(streak(), 1000, 'not longer while the engagement is young')
+    clock += loopLoad.FIRST_HOLD_MS
+    t.equal(load.escalates, true, 'held for a first hold: a storm')
+    t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), true)
+    t.equal(streak(), 2000, 'then twice as long')
+    t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), true)
+    t.equal(streak(), 4000, 'up to rejectDelay')
   })
 
   t.test('engaged, HTTP/2 refusals are neither held nor counted', async (t) => {

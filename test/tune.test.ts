@@ -368,6 +368,14 @@ t.test('bounds: time, requests, and a level that never answers', async (t) => {
     t.ok(four.throughput / one.throughput > 3.5 && four.throughput / one.throughput < 4.5, `x${(four.throughput / one.throughput).toFixed(2)}`)
     t.ok((four.latency?.p50 as number) >= 300, 'the latency of the only answers there are')
   })
+  t.test('a level is not started when it cannot finish before the deadline', async (t) => {
+    // Steps of 2 s against 1 s in all: the preflight runs, no level does.
+    const server = await kneeServer(t, { slots: 10, serviceMs: 5 })
+    const result = await sweep(options(server.url, { stepMs: 2000, maxMs: 1000 }))
+    t.equal(result.stoppedBy, 'time')
+    t.equal(result.steps.length, 0)
+    t.equal((await server.stats()).received, 1, 'the preflight request alone')
+  })
   t.test('the deadline cancels a level whose answers never come', async (t) => {
     // Answers 30 requests, then none: the first level's last request hangs
     // until --max-seconds.
