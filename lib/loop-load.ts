@@ -181,9 +181,9 @@ export class LoopLoad {
 
   #tick = (): void => {
     // A refusal took the sample moments ago, and the timer keeps its own
-    // phase: a sample of a few milliseconds reads any burst as a saturated
-    // loop, and three of them engaged the brake on an open-loop client at
-    // 10 times capacity. The next tick takes it.
+    // phase: a sample of a few milliseconds (a trace of a storm's onset
+    // showed samples of 2 and 14 ms) reads any burst as a saturated loop.
+    // The next tick takes it.
     if (this.#now() - this.#sampledAt < SAMPLE_MS / 2) return
     this.samples++
     const utilization = this.#sample()
