@@ -50,17 +50,31 @@ export const FIRST_HOLD_MS = 2000
 /** Longest engagement before the brake lets go to see whether it is still needed. */
 export const MAX_HOLD_MS = 16_000
 /**
- * Once engaged, within `VERIFY_MS` the loop must fall below this, or the
- * refusals below `STORM_BACK` of the storm's rate: holding refusals back
- * lightened the loop, or slowed the clients that filled it. A loop that
- * stays this busy while refusals keep coming as fast is kept busy by
- * something else (CPU-bound routes, a starved host) and its clients send on
- * their own schedule: holding their refusals would only turn them into
- * timeouts. The rate matters where one refusal per connection per hold
- * still keeps the loop busy, as thousands of connections in a retry storm do.
+ * Once engaged, over its first `VERIFY_MS` the loop must be busy less than
+ * this on average, or the refusals must fall below `STORM_BACK` of the
+ * storm's rate while still coming at `SLOWED_STORM_PER_S` or more: holding
+ * refusals back lightened the loop, or slowed the clients that filled it.
+ * The rate matters where one refusal per connection per hold still keeps
+ * the loop busy, as thousands of connections in a retry storm do. A loop
+ * that stays this busy otherwise is kept busy by something else (CPU-bound
+ * routes, a starved host), and the refusals kept coming as fast (clients
+ * that send on their own schedule) or all but stopped (see
+ * `SLOWED_STORM_PER_S`): holding them would only turn them into timeouts.
  */
 export const RELIEF_BELOW = 0.85
 export const VERIFY_MS = 1000
+/**
+ * Fewest refusals a second, over the first `VERIFY_MS` of an engagement,
+ * for a slowed storm on a loop that stays saturated. Holds are a second long
+ * then, and a storm comes back one refusal per connection per hold: this is
+ * a storm of 250 connections. A client that sends on its own schedule over a
+ * fixed pool of connections (an undici Pool of 32 to 128, say) slows down
+ * with its held connections as well, to fewer refusals than it has
+ * connections: if a CPU-bound route keeps the loop saturated meanwhile, its
+ * refusals were not what filled it, and holding them for the whole
+ * engagement turned 95-98% of its requests into timeouts in a probe.
+ */
+export const SLOWED_STORM_PER_S = 250
 /** After a misjudged engagement, the brake stays off this long; doubled each time in a row, up to MAX_SUPPRESS_MS. */
 export const FIRST_SUPPRESS_MS = 10_000
 export const MAX_SUPPRESS_MS = 80_000
@@ -132,8 +146,14 @@ export class LoopLoad {
   #stormRate = 0
   #hold = FIRST_HOLD_MS
   #releasedAt = -Infinity
-  /** The loop fell below RELIEF_BELOW since the brake engaged. */
+  /** Holding was seen to lighten the loop or to slow a storm: the engagement is not in question. */
   #relieved = false
+  /** Refusals fell below STORM_BACK of the storm's rate in a sample since the brake engaged. */
+  #slowed = false
+  /** Refusals, busy milliseconds and milliseconds since the brake engaged, up to VERIFY_MS. */
+  #engagedRefusals = 0
+  #engagedBusyMs = 0
+  #engagedMs = 0
   #suppressedUntil = -Infinity
   #suppress = FIRST_SUPPRESS_MS
   /** Called when the brake lets go because holding did not lighten the loop: what it holds is to be answered now. */
@@ -204,8 +224,22 @@ export class LoopLoad {
     const rate = refusals / elapsed
     this.#sampledAt = now
     if (this.engaged) {
-      if (utilization < RELIEF_BELOW || rate < this.#stormRate * STORM_BACK) this.#relieved = true
-      else if (!this.#relieved && now - this.#engagedAt >= VERIFY_MS) {
+      if (!this.#relieved) {
+        this.#engagedRefusals += refusals
+        this.#engagedBusyMs += utilization * elapsed
+        this.#engagedMs += elapsed
+        if (rate < this.#stormRate * STORM_BACK) this.#slowed = true
+        // Judged over the whole of VERIFY_MS: one sample's dip says nothing
+        // of a loop that a CPU-bound route keeps busy.
+        if (now - this.#engagedAt >= VERIFY_MS) {
+          // Holding refusals back lightened the loop, or slowed a storm that
+          // still comes back, one refusal per connection per hold, as
+          // thousands of connections do.
+          this.#relieved = this.#engagedBusyMs < RELIEF_BELOW * this.#engagedMs ||
+            (this.#slowed && this.#engagedRefusals * 1000 >= SLOWED_STORM_PER_S * this.#engagedMs)
+        }
+      }
+      if (!this.#relieved && now - this.#engagedAt >= VERIFY_MS) {
         // Holding refusals back did not lighten the loop: they were not what
         // filled it. Off, and not again for a while.
         this.engaged = false
@@ -248,6 +282,10 @@ export class LoopLoad {
     this.#stormRate = again ? Math.max(this.#stormRate, stormRate) : stormRate
     this.engaged = true
     this.#relieved = false
+    this.#slowed = false
+    this.#engagedRefusals = 0
+    this.#engagedBusyMs = 0
+    this.#engagedMs = 0
     this.#engagedAt = now
     this.#hold = again ? Math.min(MAX_HOLD_MS, this.#hold * 2) : FIRST_HOLD_MS
   }

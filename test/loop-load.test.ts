@@ -16,6 +16,7 @@ import {
   RELIEF_BELOW,
   SAMPLE_EVERY_REFUSALS,
   SAMPLE_MS,
+  SLOWED_STORM_PER_S,
   STORM_BACK,
   VERIFY_MS
 } from '../lib/loop-load.js'
@@ -173,10 +174,29 @@ t.test('a loop that stays saturated while refusals are held was not filled by th
   t.equal(engage(), true)
   // This time holding lightens the loop: a storm. It holds, then lets go,
   // and the suppression starts again from the shortest.
-  sample(0.5, SLOWED)
-  t.same(new Set(hold(0.9, 3 * VERIFY_MS, SLOWED)), new Set([true]), 'relieved once: kept on while the loop is busy')
+  t.same(new Set(hold(0.5, VERIFY_MS, SLOWED)), new Set([true]), 'half busy over VERIFY_MS: relieved')
+  t.same(new Set(hold(0.9, 2 * VERIFY_MS, SLOWED)), new Set([true]), 'relieved once: kept on while the loop is busy')
   t.equal(sample(0.1, SLOWED), false, 'released below RELEASE_BELOW after the hold')
   t.equal(MAX_SUPPRESS_MS, 8 * FIRST_SUPPRESS_MS)
+})
+
+t.test('relief is judged over VERIFY_MS: a sample\'s dip does not count, the average does', async (t) => {
+  const { load, sample, hold, engage } = virtual()
+  let misjudged = 0
+  load.onMisjudged = () => { misjudged++ }
+  t.equal(engage(), true)
+  // A CPU-bound route keeps the loop busy; one sample dips.
+  t.equal(sample(0.5, MIN_REFUSALS), true)
+  t.equal(hold(1, VERIFY_MS - SAMPLE_MS, MIN_REFUSALS).at(-1), false, 'let go at VERIFY_MS')
+  t.equal(misjudged, 1)
+  const other = virtual()
+  other.load.onMisjudged = () => { misjudged++ }
+  t.equal(other.engage(), true)
+  const busy = VERIFY_MS / SAMPLE_MS / 2
+  // Half the second saturated, half a quarter busy: below RELIEF_BELOW on average.
+  const held = [...other.hold(1, busy * SAMPLE_MS, MIN_REFUSALS), ...other.hold(0.25, busy * SAMPLE_MS, MIN_REFUSALS)]
+  t.same(new Set(held), new Set([true]), 'kept on')
+  t.equal(misjudged, 1)
 })
 
 t.test('a loop that stays saturated while holding slows the refusals below half the storm\'s rate: the storm, kept on', async (t) => {
@@ -192,6 +212,29 @@ t.test('a loop that stays saturated while holding slows the refusals below half 
   t.equal(engage(), true, 'engaged again')
   const held = hold(1, VERIFY_MS, MIN_REFUSALS * STORM_BACK)
   t.equal(held.at(-1), false, 'misjudged at VERIFY_MS')
+  t.equal(misjudged, 1)
+})
+
+t.test('holding slows the refusals to a trickle while the loop stays saturated: not a storm, off', async (t) => {
+  const { load, hold, engage } = virtual()
+  let misjudged = 0
+  load.onMisjudged = () => { misjudged++ }
+  // Per sample, the fewest refusals of a slowed storm, and one less.
+  const storm = Math.ceil(SLOWED_STORM_PER_S * SAMPLE_MS / 1000)
+  const trickle = Math.floor(SLOWED_STORM_PER_S * SAMPLE_MS / 1000)
+  t.ok(trickle < SLOWED_STORM_PER_S * SAMPLE_MS / 1000 && trickle * 1000 / SAMPLE_MS < MIN_REFUSALS * STORM_BACK * 1000 / SAMPLE_MS)
+  // A client over a fixed pool of connections slows down with them, while a
+  // CPU-bound route keeps the loop saturated.
+  t.equal(engage(), true)
+  const held = hold(1, VERIFY_MS, trickle)
+  t.equal(held.at(-2), true, 'engaged until VERIFY_MS')
+  t.equal(held.at(-1), false, 'then let go: its refusals were not what filled the loop')
+  t.equal(misjudged, 1, 'what it held is answered')
+  // The same, from a storm of SLOWED_STORM_PER_S connections or more.
+  const { load: other, hold: holdOther, engage: engageOther } = virtual()
+  other.onMisjudged = () => { misjudged++ }
+  t.equal(engageOther(), true)
+  t.same(new Set(holdOther(1, 3 * VERIFY_MS, storm)), new Set([true]), 'a slowed storm: kept on')
   t.equal(misjudged, 1)
 })
 
