@@ -52,7 +52,8 @@ export const MAX_HOLD_MS = 16_000
 /**
  * Once engaged, over its first `VERIFY_MS` the loop must be busy less than
  * this on average, or the refusals must fall below `STORM_BACK` of the
- * storm's rate while still coming at `SLOWED_STORM_PER_S` or more: holding
+ * storm's rate in a sample while still coming at `SLOWED_STORM_PER_S` or
+ * more over the whole of it: holding
  * refusals back lightened the loop, or slowed the clients that filled it.
  * The rate matters where one refusal per connection per hold still keeps
  * the loop busy, as thousands of connections in a retry storm do. A loop
@@ -65,14 +66,17 @@ export const RELIEF_BELOW = 0.85
 export const VERIFY_MS = 1000
 /**
  * Fewest refusals a second, over the first `VERIFY_MS` of an engagement,
- * for a slowed storm on a loop that stays saturated. Holds are a second long
- * then, and a storm comes back one refusal per connection per hold: this is
- * a storm of 250 connections. A client that sends on its own schedule over a
- * fixed pool of connections (an undici Pool of 32 to 128, say) slows down
- * with its held connections as well, to fewer refusals than it has
- * connections: if a CPU-bound route keeps the loop saturated meanwhile, its
- * refusals were not what filled it, and holding them for the whole
- * engagement turned 95-98% of its requests into timeouts in a probe.
+ * for a slowed storm on a loop that stays saturated. A storm comes back
+ * about one refusal per connection per hold, and a new engagement's holds
+ * last 0.75 to 1 s: this is a storm of some 250 connections (of more when
+ * the brake engages again soon after letting go: connections it held before
+ * come back only as their longer holds end). A client that sends on its
+ * own schedule over a fixed pool of connections (an undici Pool of 32 to
+ * 128, say) slows down with its held connections as well, to one or two
+ * refusals per connection in that second: if a CPU-bound route keeps the
+ * loop saturated meanwhile, its refusals were not what filled it, and
+ * holding them for the whole engagement turned 95-98% of its requests into
+ * timeouts in a probe.
  */
 export const SLOWED_STORM_PER_S = 250
 /** After a misjudged engagement, the brake stays off this long; doubled each time in a row, up to MAX_SUPPRESS_MS. */

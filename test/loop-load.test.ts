@@ -199,6 +199,37 @@ t.test('relief is judged over VERIFY_MS: a sample\'s dip does not count, the ave
   t.equal(misjudged, 1)
 })
 
+t.test('the loop\'s average over VERIFY_MS weighs each sample by its length', async (t) => {
+  const { load, engage, flood, tickAfter, hold } = virtual()
+  let misjudged = 0
+  load.onMisjudged = () => { misjudged++ }
+  t.equal(engage(), true)
+  // A late tick: 400 ms half busy, with refusals at the storm's rate (not slowed).
+  const late = 8 * SAMPLE_MS
+  for (let i = 0; i < late / SAMPLE_MS * MIN_REFUSALS; i++) load.refused()
+  flood(0, 0, 0.5)
+  tickAfter(late)
+  const rest = hold(1, VERIFY_MS - late, MIN_REFUSALS)
+  t.same(new Set(rest), new Set([true]), 'kept on: 80% busy over the second, though all samples but one were saturated')
+  t.equal(misjudged, 0)
+})
+
+t.test('each engagement is judged on its own first second', async (t) => {
+  const { load, hold, engage, untilReleased, sample } = virtual()
+  let misjudged = 0
+  load.onMisjudged = () => { misjudged++ }
+  // A storm, slowed, with plenty of refusals still coming: kept on, then released.
+  t.equal(engage(), true)
+  t.same(new Set(hold(1, VERIFY_MS, MIN_REFUSALS * STORM_BACK - 1)), new Set([true]))
+  untilReleased(0.1, 0)
+  // Quiet long enough for a new episode, then a saturated loop with a trickle of refusals.
+  hold(0.1, 4 * MAX_HOLD_MS, 1)
+  t.same(Array.from({ length: ENGAGE_SAMPLES }, () => sample(1)), [...Array(ENGAGE_SAMPLES - 1).fill(false), true], 'engaged again')
+  const trickle = Math.floor(SLOWED_STORM_PER_S * SAMPLE_MS / 1000)
+  t.equal(hold(1, VERIFY_MS, trickle).at(-1), false, 'the first engagement\'s refusals do not count for the second')
+  t.equal(misjudged, 1)
+})
+
 t.test('a loop that stays saturated while holding slows the refusals below half the storm\'s rate: the storm, kept on', async (t) => {
   const { load, sample, hold, engage } = virtual()
   let misjudged = 0
