@@ -53,14 +53,14 @@ export const MAX_HOLD_MS = 16_000
  * Once engaged, over its first `VERIFY_MS` the loop must be busy less than
  * this on average, or the refusals must fall below `STORM_BACK` of the
  * storm's rate in a sample while still coming at `SLOWED_STORM_PER_S` or
- * more over the whole of it: holding
- * refusals back lightened the loop, or slowed the clients that filled it.
- * The rate matters where one refusal per connection per hold still keeps
- * the loop busy, as thousands of connections in a retry storm do. A loop
- * that stays this busy otherwise is kept busy by something else (CPU-bound
- * routes, a starved host), and the refusals kept coming as fast (clients
- * that send on their own schedule) or all but stopped (see
- * `SLOWED_STORM_PER_S`): holding them would only turn them into timeouts.
+ * more over the whole of it: holding refusals back lightened the loop, or
+ * slowed the clients that filled it. The rate matters where one refusal per
+ * connection per hold still keeps the loop busy, as thousands of connections
+ * in a retry storm do. A loop that stays this busy otherwise is kept busy by
+ * something else (CPU-bound routes, a starved host), and the refusals kept
+ * coming as fast (clients that send on their own schedule) or all but
+ * stopped (see `SLOWED_STORM_PER_S`): holding them would only turn them into
+ * timeouts.
  */
 export const RELIEF_BELOW = 0.85
 export const VERIFY_MS = 1000
@@ -237,8 +237,7 @@ export class LoopLoad {
         // of a loop that a CPU-bound route keeps busy.
         if (now - this.#engagedAt >= VERIFY_MS) {
           // Holding refusals back lightened the loop, or slowed a storm that
-          // still comes back, one refusal per connection per hold, as
-          // thousands of connections do.
+          // still comes back, one refusal per connection per hold.
           this.#relieved = this.#engagedBusyMs < RELIEF_BELOW * this.#engagedMs ||
             (this.#slowed && this.#engagedRefusals * 1000 >= SLOWED_STORM_PER_S * this.#engagedMs)
         }
