@@ -240,18 +240,18 @@ export class LoopLoad {
           // still comes back, one refusal per connection per hold.
           this.#relieved = this.#engagedBusyMs < RELIEF_BELOW * this.#engagedMs ||
             (this.#slowed && this.#engagedRefusals * 1000 >= SLOWED_STORM_PER_S * this.#engagedMs)
+          if (!this.#relieved) {
+            // It did neither: the refusals were not what filled the loop.
+            // Off, and not again for a while.
+            this.engaged = false
+            this.#releasedAt = -Infinity
+            this.#suppressedUntil = now + this.#suppress
+            this.#suppress = Math.min(MAX_SUPPRESS_MS, this.#suppress * 2)
+            this.#saturated = 0
+            this.onMisjudged?.()
+            return
+          }
         }
-      }
-      if (!this.#relieved && now - this.#engagedAt >= VERIFY_MS) {
-        // Holding refusals back did not lighten the loop: they were not what
-        // filled it. Off, and not again for a while.
-        this.engaged = false
-        this.#releasedAt = -Infinity
-        this.#suppressedUntil = now + this.#suppress
-        this.#suppress = Math.min(MAX_SUPPRESS_MS, this.#suppress * 2)
-        this.#saturated = 0
-        this.onMisjudged?.()
-        return
       }
       if (now - this.#engagedAt >= this.#hold && utilization < RELEASE_BELOW) {
         // Refusals already held belong to clients that retry at once: they
