@@ -14,9 +14,11 @@ export const FIRST_DELAY = 1000
 export const STREAK_WINDOW = 1000
 
 /**
- * A refusal on a connection refused this few samples of the loop (a second)
- * before the brake engaged is a retry: a storm's connections are all held
- * on their next refusal, however many they are.
+ * A refusal on a connection refused this few samples of the loop before (a
+ * second, or more when the loop fires its timer late) is a retry. The brake
+ * engages only once retries pour in (see `LoopLoad.refused`), and engaged,
+ * holds a retry at once: a storm's connections are all held on their next
+ * refusal, however many they are.
  */
 export const RECENT_SAMPLES = 20
 
@@ -64,9 +66,11 @@ export class RejectDelay {
     this.max = max
     this.#answer = answer
     this.load = load
-    // The loop stayed busy while refusals were held: they belong to clients
-    // that send on their own schedule, not to a storm. Answer them now.
+    // Holding did not slow the refusals or lighten the loop, or held
+    // clients gave up: they send on their own schedule, not as a storm
+    // does. Answer them now.
     load.onMisjudged = () => { this.#answerHeld() }
+    load.held = () => this.size
   }
 
   /** Holds the refusal back, to answer it for `reason` later; false if it must be answered now. */
@@ -76,8 +80,11 @@ export class RejectDelay {
     // carries one request, so there is no connection of a retry to slow.
     if (request.raw.httpVersionMajor === 2) return false
     const load = this.load
-    load.refused()
     const socket = request.raw.socket as unknown as { [kRefusals]?: Refusals }
+    const mark = socket[kRefusals]
+    load.refused(mark !== undefined && (typeof mark === 'object'
+      ? performance.now() - mark.answeredAt <= STREAK_WINDOW
+      : load.samples - mark <= RECENT_SAMPLES))
     if (!load.engaged) {
       // Disengaged, a refusal costs a count and a small integer on its
       // connection: no clock, no allocation.
@@ -97,7 +104,8 @@ export class RejectDelay {
       streak.delay = 0
       return false
     }
-    if (this.size >= this.max) {
+    // Past the bound, or for a client that already left: answered now.
+    if (this.size >= this.max || reply.raw.closed) {
       streak.answeredAt = now
       return false
     }
@@ -112,18 +120,31 @@ export class RejectDelay {
     streak.answeredAt = now + hold
     this.size++
     limiter.heldRejections++
+    const raw = reply.raw
     // Node keeps timers of one duration in one list, and the lists in a
     // heap: a few hundred distinct holds, a timer per held refusal costs
     // O(1) to add to its list, O(log) to add a list.
     const release = (): void => {
+      raw.removeListener('close', left)
       this.#held.delete(timer)
       this.size--
       limiter.heldRejections--
-      // A client that left while held needs no answer.
-      if (!reply.raw.closed) this.#answer(limiter, request, reply, reason)
+      this.#answer(limiter, request, reply, reason)
+    }
+    // A client that leaves while held frees its place now, and tells the
+    // brake: it may have given up waiting (see `LoopLoad.left`). A response
+    // pipelined behind another gets no 'close' from Node: it waits out its
+    // hold, and its answer goes nowhere.
+    const left = (): void => {
+      clearTimeout(timer)
+      this.#held.delete(timer)
+      this.size--
+      limiter.heldRejections--
+      load.left()
     }
     const timer = setTimeout(release, hold)
     this.#held.set(timer, release)
+    raw.once('close', left)
     return true
   }
 

@@ -6,6 +6,9 @@ import {
   every,
   FIRST_HOLD_MS,
   FIRST_SUPPRESS_MS,
+  LEFT_MIN,
+  LEFT_SHARE,
+  LEFT_WITHIN_MS,
   LoopLoad,
   loopUtilization,
   MAX_HOLD_MS,
@@ -16,6 +19,8 @@ import {
   RELIEF_BELOW,
   SAMPLE_EVERY_REFUSALS,
   SAMPLE_MS,
+  SLOWED_BELOW,
+  SLOWED_MS,
   SLOWED_STORM_PER_S,
   STORM_BACK,
   VERIFY_MS
@@ -24,8 +29,10 @@ import {
 // A brake that holds slows clients that retry at once: a tenth of the refusals.
 const SLOWED = MIN_REFUSALS / 10
 
-// A LoopLoad on a virtual clock: `sample(u, refusals)` counts the refusals,
-// lets SAMPLE_MS pass with the loop busy `u` of the time, and runs the tick.
+// A LoopLoad on a virtual clock: `sample(u, refusals, retries, left)` counts
+// the refusals (the first `retries` of them retries, all by default) and the
+// held clients that `left`, lets SAMPLE_MS pass with the loop busy `u` of the
+// time, and runs the tick.
 function virtual () {
   let utilization = 0
   let clock = 0
@@ -42,8 +49,11 @@ function virtual () {
     }
   })
   load.onMisjudged = () => { calls.misjudged++ }
-  const sample = (u: number, refusals = MIN_REFUSALS): boolean => {
-    for (let i = 0; i < refusals; i++) load.refused()
+  // Refusals held back: a storm's, unless a test says otherwise.
+  load.held = () => 1
+  const sample = (u: number, refusals = MIN_REFUSALS, retries = refusals, left = 0): boolean => {
+    for (let i = 0; i < refusals; i++) load.refused(i < retries)
+    for (let i = 0; i < left; i++) load.left()
     utilization = u
     clock += SAMPLE_MS
     if (tick === null) throw new Error('not sampling')
@@ -67,7 +77,7 @@ function virtual () {
   const flood = (ms: number, refusals: number, u = 1): void => {
     utilization = u
     clock += ms
-    for (let i = 0; i < refusals; i++) load.refused()
+    for (let i = 0; i < refusals; i++) load.refused(true)
   }
   /** Lets `ms` pass and runs the timer's tick. */
   const tickAfter = (ms: number): void => {
@@ -82,7 +92,7 @@ t.test('nothing is sampled until a refusal; then one timer, however many refusal
   const { load, calls, sample } = virtual()
   t.equal(load.sampling, false)
   t.equal(calls.starts, 0)
-  for (let i = 0; i < 1000; i++) load.refused()
+  for (let i = 0; i < 1000; i++) load.refused(true)
   t.equal(load.sampling, true)
   t.equal(calls.starts, 1)
   t.equal(calls.samples, 1, 'the utilization from before the refusals is discarded')
@@ -94,7 +104,7 @@ t.test('nothing is sampled until a refusal; then one timer, however many refusal
 
 t.test('engages after ENGAGE_SAMPLES saturated samples in a row, each with MIN_REFUSALS refusals', async (t) => {
   const { load, sample } = virtual()
-  load.refused()
+  load.refused(true)
   const almost = (): boolean[] => Array.from({ length: ENGAGE_SAMPLES - 1 }, () => sample(1))
   t.same(almost(), Array(ENGAGE_SAMPLES - 1).fill(false))
   t.equal(sample(ENGAGE_AT - 0.01), false, 'busy, not saturated: the count starts again')
@@ -106,9 +116,109 @@ t.test('engages after ENGAGE_SAMPLES saturated samples in a row, each with MIN_R
   t.equal(sample(ENGAGE_AT, MIN_REFUSALS), true, 'saturated, with refusals, long enough')
 })
 
+t.test('engages only once retries pour in: first refusals alone, however many, do not', async (t) => {
+  const { sample } = virtual()
+  sample(0, 1)
+  // A client opening connections in a burst: each one's first refusal.
+  t.same(Array.from({ length: ENGAGE_SAMPLES + 2 }, () => sample(1, MIN_REFUSALS, 0)), Array(ENGAGE_SAMPLES + 2).fill(false), 'saturated with first refusals')
+  t.equal(sample(1, MIN_REFUSALS, MIN_REFUSALS - 1), false, 'too few retries among them')
+  t.equal(sample(1, MIN_REFUSALS, MIN_REFUSALS), true, 'retries: a storm, saturated for long enough already')
+  const other = virtual()
+  other.sample(0, 1)
+  other.sample(1, MIN_REFUSALS, MIN_REFUSALS)
+  other.sample(1, MIN_REFUSALS, MIN_REFUSALS)
+  t.equal(other.sample(1, MIN_REFUSALS, 0), false, 'retries in the run, none in its last sample')
+  t.equal(other.sample(1, MIN_REFUSALS, MIN_REFUSALS), true)
+})
+
+t.test('held clients that leave while refusals keep coming: let go, and off for a while', async (t) => {
+  const { calls, sample, hold, engage } = virtual()
+  t.equal(engage(), true)
+  // A client on its own schedule, with a timeout shorter than its holds.
+  t.equal(sample(0.5, MIN_REFUSALS, MIN_REFUSALS, LEFT_MIN), true, 'not in the sample they left in')
+  t.equal(sample(0.5, MIN_REFUSALS), false, 'in the next, refusals at MIN_REFUSALS_PER_S: let go')
+  t.equal(calls.misjudged, 1, 'what it holds is answered')
+  t.same(new Set(hold(1, FIRST_SUPPRESS_MS - SAMPLE_MS, 4 * MIN_REFUSALS)), new Set([false]), 'off for FIRST_SUPPRESS_MS')
+  t.equal(engage(), true, 'then it may engage again')
+
+  const few = virtual()
+  few.engage()
+  few.hold(0.5, SLOWED_MS, SLOWED)
+  t.equal(few.sample(0.5, MIN_REFUSALS, MIN_REFUSALS, LEFT_MIN - 1), true)
+  t.same(new Set(few.hold(0.5, VERIFY_MS, MIN_REFUSALS)), new Set([true]), 'one client leaving is not enough')
+  t.equal(few.calls.misjudged, 0)
+
+  // A client busy with its timeouts sends little for a sample or two.
+  const late = virtual()
+  late.engage()
+  late.sample(0.5, SLOWED, SLOWED, LEFT_MIN)
+  t.equal(late.sample(0.5, 0), true)
+  t.equal(late.sample(0.5, MIN_REFUSALS - 1), true, 'refusals below MIN_REFUSALS_PER_S')
+  t.equal(late.sample(0.5, MIN_REFUSALS), false, `refusals again ${3 * SAMPLE_MS} ms after: let go`)
+  t.ok(3 * SAMPLE_MS <= LEFT_WITHIN_MS)
+})
+
+t.test('what counts as held clients giving up', async (t) => {
+  const edge = virtual()
+  edge.engage()
+  edge.sample(0.5, SLOWED, SLOWED, LEFT_MIN)
+  const quiet = LEFT_WITHIN_MS / SAMPLE_MS - 1
+  t.same(Array.from({ length: quiet }, () => edge.sample(0.5, 0)), Array(quiet).fill(true))
+  t.equal(edge.sample(0.5, MIN_REFUSALS), false, `refusals exactly ${LEFT_WITHIN_MS} ms after: let go`)
+
+  // Clients that leave in the sample that engages the brake were never held by it.
+  const engaging = virtual()
+  for (let i = 0; i < ENGAGE_SAMPLES - 1; i++) engaging.sample(1)
+  t.equal(engaging.sample(1, MIN_REFUSALS, MIN_REFUSALS, LEFT_MIN), true)
+  t.equal(engaging.sample(0.5, MIN_REFUSALS), true, 'not counted')
+
+  // Judged a storm over its first second, and its clients give up later.
+  const relieved = virtual()
+  relieved.engage()
+  t.same(new Set(relieved.hold(0.5, VERIFY_MS + 10 * SAMPLE_MS, SLOWED)), new Set([true]))
+  relieved.sample(0.5, SLOWED, SLOWED, LEFT_MIN)
+  t.equal(relieved.sample(0.5, MIN_REFUSALS), false, 'let go all the same')
+  t.equal(relieved.calls.misjudged, 1)
+
+  // Thousands held: a few leaving is not the storm giving up.
+  const held = 1000
+  const share = Math.ceil(LEFT_SHARE * held / (1 - LEFT_SHARE))
+  const few = virtual()
+  few.load.held = () => held
+  few.engage()
+  few.sample(0.5, SLOWED, SLOWED, share - 1)
+  t.equal(few.sample(0.5, MIN_REFUSALS), true, `${share - 1} of ${held + share - 1}: under LEFT_SHARE`)
+  const enough = virtual()
+  enough.load.held = () => held
+  enough.engage()
+  enough.sample(0.5, SLOWED, SLOWED, share)
+  t.equal(enough.sample(0.5, MIN_REFUSALS), false, `${share} of ${held + share}`)
+
+  // One a sample adds up, over about a second.
+  const trickle = virtual()
+  trickle.load.held = () => held
+  trickle.engage()
+  // Busy enough for the brake to stay on past its first hold.
+  trickle.hold(RELEASE_BELOW, SLOWED_MS, SLOWED)
+  t.same(new Set(trickle.hold(RELEASE_BELOW, VERIFY_MS, MIN_REFUSALS)), new Set([true]), 'kept on while no one leaves')
+  const kept = Array.from({ length: 2 * VERIFY_MS / SAMPLE_MS }, () => trickle.sample(RELEASE_BELOW, MIN_REFUSALS, MIN_REFUSALS, 1))
+  const at = kept.indexOf(false) + 1
+  t.ok(at > 5 && at <= VERIFY_MS / SAMPLE_MS, `let go within a second, not on the first few: after ${at} samples`)
+})
+
+t.test('a storm that ends closes its held connections and sends nothing after: the brake stays on', async (t) => {
+  const { calls, sample, engage } = virtual()
+  t.equal(engage(), true)
+  t.equal(sample(0.5, SLOWED, SLOWED, 1000), true, 'every held client leaves')
+  const quiet = LEFT_WITHIN_MS / SAMPLE_MS
+  t.same(Array.from({ length: quiet }, () => sample(0.1, 0)), Array(quiet).fill(true), `nothing comes for ${LEFT_WITHIN_MS} ms`)
+  t.equal(sample(0.1, MIN_REFUSALS), true, 'refusals after that are not theirs')
+  t.equal(calls.misjudged, 0)
+})
+
 t.test('a flooded loop fires its timer late: refusals take the sample once it is due', async (t) => {
   const { load, calls, flood } = virtual()
-  load.refused()
+  load.refused(true)
   t.equal(calls.samples, 1)
   flood(SAMPLE_MS - 1, 2 * SAMPLE_EVERY_REFUSALS)
   t.equal(calls.samples, 1, 'not due yet')
@@ -122,7 +232,7 @@ t.test('a flooded loop fires its timer late: refusals take the sample once it is
 
 t.test('the timer skips a sample that a refusal took moments before it', async (t) => {
   const { load, calls, flood, tickAfter } = virtual()
-  load.refused()
+  load.refused(true)
   for (let round = 0; round < ENGAGE_SAMPLES; round++) {
     // A refusal takes the sample once it is due, and the timer, on its own
     // phase, ticks a few milliseconds later, in a burst that fills them.
@@ -189,21 +299,60 @@ t.test('relief is judged over VERIFY_MS: a sample\'s dip does not count, the ave
   const other = virtual()
   t.equal(other.engage(), true)
   const busy = VERIFY_MS / SAMPLE_MS / 2
-  // Half the second saturated, half a quarter busy: below RELIEF_BELOW on average.
-  const held = [...other.hold(1, busy * SAMPLE_MS, MIN_REFUSALS), ...other.hold(0.25, busy * SAMPLE_MS, MIN_REFUSALS)]
+  // Half the second saturated, half a quarter busy with the refusals slowed:
+  // below RELIEF_BELOW on average.
+  const held = [...other.hold(1, busy * SAMPLE_MS, MIN_REFUSALS), ...other.hold(0.25, busy * SAMPLE_MS, SLOWED)]
   t.same(new Set(held), new Set([true]), 'kept on')
   t.equal(other.calls.misjudged, 0)
 })
 
+t.test('a loop that lightens while refusals come as fast as before was not lightened by holding them: off', async (t) => {
+  // A client opening its pool in a burst saturates the loop a moment, then
+  // goes on at its own rate, on a loop that idles.
+  const open = virtual()
+  open.engage()
+  const held = open.hold(0.3, VERIFY_MS, MIN_REFUSALS)
+  t.equal(held.at(-2), true)
+  t.equal(held.at(-1), false, 'let go at VERIFY_MS')
+  t.equal(open.calls.misjudged, 1)
+  // A storm leaves a gap once its connections are held.
+  const below = Math.ceil(MIN_REFUSALS * SLOWED_BELOW) - 1
+  const cases: Array<[string, number, number, number, boolean]> = [
+    ['a gap of SLOWED_MS', SLOWED_MS, below, 1, true],
+    ['a gap shorter than SLOWED_MS', SLOWED_MS - SAMPLE_MS, below, 1, false],
+    ['refusals at SLOWED_BELOW of the storm\'s rate', SLOWED_MS, below + 1, 1, false],
+    ['a gap with nothing held: the clients\' own pause', SLOWED_MS, 0, 0, false]
+  ]
+  for (const [what, ms, refusals, holding, kept] of cases) {
+    const storm = virtual()
+    storm.load.held = () => holding
+    storm.engage()
+    storm.hold(0.3, ms, refusals)
+    const after = storm.hold(0.3, VERIFY_MS - ms, MIN_REFUSALS)
+    t.equal(after.at(-1), kept, `${what}: ${kept ? 'kept on' : 'let go'}`)
+  }
+})
+
+t.test('a storm engaged again soon after a release need not leave its gap again', async (t) => {
+  const { calls, sample, hold, untilReleased, engage } = virtual()
+  engage()
+  hold(0.3, SLOWED_MS, 0)
+  t.equal(SLOWED_MS + untilReleased(0.3, MIN_REFUSALS), FIRST_HOLD_MS, 'a storm: held, then let go')
+  t.equal(sample(1), true, 'back at once: engaged again')
+  // Its connections come back in waves as their holds end.
+  t.same(new Set(hold(0.3, VERIFY_MS + SAMPLE_MS, MIN_REFUSALS)), new Set([true]), 'kept on past VERIFY_MS')
+  t.equal(calls.misjudged, 0)
+})
+
 t.test('the loop\'s average over VERIFY_MS weighs each sample by its length', async (t) => {
-  const { calls, load, engage, flood, tickAfter, hold } = virtual()
+  const { calls, engage, flood, tickAfter, hold } = virtual()
   t.equal(engage(), true)
-  // A late tick: 400 ms half busy, with refusals at the storm's rate (not slowed).
+  // A late tick: 400 ms half busy, with the refusals slowed to none, then
+  // a saturated loop with a trickle of refusals (not a wide storm).
   const late = 8 * SAMPLE_MS
-  for (let i = 0; i < late / SAMPLE_MS * MIN_REFUSALS; i++) load.refused()
   flood(0, 0, 0.5)
   tickAfter(late)
-  const rest = hold(1, VERIFY_MS - late, MIN_REFUSALS)
+  const rest = hold(1, VERIFY_MS - late, 1)
   t.same(new Set(rest), new Set([true]), 'kept on: 80% busy over the second, though all samples but one were saturated')
   t.equal(calls.misjudged, 0)
 })
@@ -293,7 +442,7 @@ t.test('sampling stops after QUIET_SAMPLES without a refusal, letting go; the ne
   t.equal(load.engaged, false, 'refusals stopped: nothing to brake')
   t.equal(calls.stops, 1)
   const samples = calls.samples
-  load.refused()
+  load.refused(true)
   t.equal(load.sampling, true)
   t.equal(calls.starts, 2)
   t.equal(calls.samples, samples + 1, 'restarting discards the quiet interval')
@@ -353,7 +502,7 @@ t.test('every() ticks until stopped', async (t) => {
 
 t.test('the real clock and sampler by default', async (t) => {
   const load = new LoopLoad()
-  load.refused()
+  load.refused(true)
   t.equal(load.sampling, true)
   load.stop()
   t.equal(load.sampling, false)

@@ -1,4 +1,5 @@
 import t, { type Test } from 'tap'
+import { EventEmitter } from 'node:events'
 import { Client } from 'undici'
 import Fastify, { type FastifyPluginAsync } from 'fastify'
 import concurrencyLimit, { type ConcurrencyLimitOptions } from '../lib/index.js'
@@ -167,7 +168,8 @@ t.test('a held client that leaves gets no answer and frees its place', async (t)
   await waitFor(() => app.concurrencyLimit.stats().heldRejections === 1)
   ac.abort()
   t.type(await pending, Error)
-  await waitFor(() => app.concurrencyLimit.stats().heldRejections === 0, 1000, 'the held refusal to go')
+  // Before its hold (0.75 to 1 s) would end.
+  await waitFor(() => app.concurrencyLimit.stats().heldRejections === 0, 700, 'the held refusal to go')
   t.equal(app.concurrencyLimit.stats().rejected.queueFull, 2)
 })
 
@@ -203,13 +205,14 @@ t.test('closeOnReject sends Connection: close with every refusal', async (t) => 
 
 // The brake on its own, with requests reduced to what it reads.
 t.test('the brake, unit by unit', async (t) => {
-  const { RECENT_SAMPLES, RejectDelay } = await import('../lib/reject-delay.js')
+  const { RECENT_SAMPLES, RejectDelay, STREAK_WINDOW } = await import('../lib/reject-delay.js')
   type Limiter = import('../lib/limiter.js').Limiter
   type Request = import('fastify').FastifyRequest
   type Reply = import('fastify').FastifyReply
   const limiter = { heldRejections: 0 } as unknown as Limiter
   const request = (socket: object, httpVersionMajor = 1): Request => ({ raw: { httpVersionMajor, socket } }) as unknown as Request
-  const reply = { raw: { closed: false } } as unknown as Reply
+  // A response that emits 'close' when its client leaves.
+  const reply = (closed = false): Reply => ({ raw: Object.assign(new EventEmitter(), { closed }) }) as unknown as Reply
   const brake = () => {
     const answered: Request[] = []
     const load = new loopLoad.LoopLoad({ sample: () => 0, every: () => () => {} })
@@ -221,7 +224,7 @@ t.test('the brake, unit by unit', async (t) => {
     const { delay, load } = brake()
     const socket: Record<symbol, unknown> = {}
     load.samples = 7
-    for (let i = 0; i < 3; i++) t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), false)
+    for (let i = 0; i < 3; i++) t.equal(delay.hold(limiter, request(socket), reply(), 'queueFull'), false)
     t.same(Object.getOwnPropertySymbols(socket).map((key) => socket[key]), [7], 'the sample it was refused in')
     t.equal(load.sampling, true, 'the refusals are counted')
   })
@@ -231,14 +234,14 @@ t.test('the brake, unit by unit', async (t) => {
     const recent = {}
     const earlier = {}
     load.samples = 10
-    delay.hold(limiter, request(earlier), reply, 'queueFull')
+    delay.hold(limiter, request(earlier), reply(), 'queueFull')
     load.samples = 10 + RECENT_SAMPLES
-    delay.hold(limiter, request(recent), reply, 'queueFull')
+    delay.hold(limiter, request(recent), reply(), 'queueFull')
     load.samples += RECENT_SAMPLES
     load.engaged = true
-    t.equal(delay.hold(limiter, request(recent), reply, 'queueFull'), true, `refused ${RECENT_SAMPLES} samples before: a retry`)
-    t.equal(delay.hold(limiter, request(earlier), reply, 'queueFull'), false, `refused ${2 * RECENT_SAMPLES} samples before: a first try`)
-    t.equal(delay.hold(limiter, request(earlier), reply, 'queueFull'), true, 'and its retry is held')
+    t.equal(delay.hold(limiter, request(recent), reply(), 'queueFull'), true, `refused ${RECENT_SAMPLES} samples before: a retry`)
+    t.equal(delay.hold(limiter, request(earlier), reply(), 'queueFull'), false, `refused ${2 * RECENT_SAMPLES} samples before: a first try`)
+    t.equal(delay.hold(limiter, request(earlier), reply(), 'queueFull'), true, 'and its retry is held')
     delay.drain()
     t.equal(answered.length, 2)
   })
@@ -256,24 +259,101 @@ t.test('the brake, unit by unit', async (t) => {
     t.equal(load.escalates, false, 'just engaged: it may be a burst')
     const socket: Record<symbol, { delay: number }> = {}
     const streak = (): number => socket[Object.getOwnPropertySymbols(socket)[0]].delay
-    t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), false, 'a first try')
-    t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), true)
+    t.equal(delay.hold(limiter, request(socket), reply(), 'queueFull'), false, 'a first try')
+    t.equal(delay.hold(limiter, request(socket), reply(), 'queueFull'), true)
     t.equal(streak(), 1000)
-    t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), true)
+    t.equal(delay.hold(limiter, request(socket), reply(), 'queueFull'), true)
     t.equal(streak(), 1000, 'not longer while the engagement is young')
     clock += loopLoad.FIRST_HOLD_MS
     t.equal(load.escalates, true, 'held for a first hold: a storm')
-    t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), true)
+    t.equal(delay.hold(limiter, request(socket), reply(), 'queueFull'), true)
     t.equal(streak(), 2000, 'then twice as long')
-    t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), true)
+    t.equal(delay.hold(limiter, request(socket), reply(), 'queueFull'), true)
     t.equal(streak(), 4000, 'up to rejectDelay')
+  })
+
+  t.test('each refusal tells the brake whether it is a retry: its connection refused within RECENT_SAMPLES, or held', async (t) => {
+    const seen: boolean[] = []
+    class Recording extends loopLoad.LoopLoad {
+      override refused (retry: boolean): void {
+        seen.push(retry)
+        super.refused(retry)
+      }
+    }
+    const load = new Recording({ sample: () => 0, every: () => () => {} })
+    const delay = new RejectDelay(1000, 10, () => {}, load)
+    const socket = {}
+    load.samples = 10
+    delay.hold(limiter, request(socket), reply(), 'queueFull')
+    load.samples = 10 + RECENT_SAMPLES
+    delay.hold(limiter, request(socket), reply(), 'queueFull')
+    load.samples += RECENT_SAMPLES + 1
+    delay.hold(limiter, request(socket), reply(), 'queueFull')
+    t.same(seen, [false, true, false], 'new, refused RECENT_SAMPLES before, refused longer before')
+    load.engaged = true
+    delay.hold(limiter, request(socket), reply(), 'queueFull')
+    delay.hold(limiter, request(socket), reply(), 'queueFull')
+    t.same(seen.slice(3), [true, true], 'engaged: a retry, then a connection with a streak')
+    delay.drain()
+    // A streak answered longer than STREAK_WINDOW ago: an idle connection.
+    const streak = (socket as Record<symbol, { answeredAt: number }>)[Object.getOwnPropertySymbols(socket)[0]]
+    streak.answeredAt = performance.now() - STREAK_WINDOW - 10
+    delay.hold(limiter, request(socket), reply(), 'queueFull')
+    t.equal(seen.at(-1), false, 'a streak over STREAK_WINDOW old: a first try')
+  })
+
+  t.test('a held client that leaves frees its place at once, gets no answer, and is counted by the brake', async (t) => {
+    let left = 0
+    class Counting extends loopLoad.LoopLoad {
+      override left (): void {
+        left++
+        super.left()
+      }
+    }
+    const answered: Request[] = []
+    const load = new Counting({ sample: () => 0, every: () => () => {} })
+    const delay = new RejectDelay(1000, 10, (_limiter, req) => { answered.push(req) }, load)
+    load.engaged = true
+    const req = request({})
+    const res = reply()
+    delay.hold(limiter, req, res, 'queueFull')
+    t.equal(delay.hold(limiter, req, res, 'queueFull'), true)
+    t.equal(delay.size, 1)
+    t.equal(load.held(), 1, 'the brake sees how many are held')
+    t.equal(limiter.heldRejections, 1)
+    res.raw.emit('close')
+    t.equal(delay.size, 0)
+    t.equal(limiter.heldRejections, 0)
+    t.equal(left, 1)
+    delay.drain()
+    t.same(answered, [], 'not answered, not even at close()')
+    // Answered: its response closes after, which is no client leaving.
+    const other = reply()
+    load.engaged = true
+    t.equal(delay.hold(limiter, req, other, 'queueFull'), true)
+    delay.drain()
+    other.raw.emit('close')
+    t.equal(answered.length, 1)
+    t.equal(left, 1)
+    t.equal(other.raw.listenerCount('close'), 0)
+  })
+
+  t.test('the refusal of a client that already left is answered at once, not held', async (t) => {
+    const { delay, load } = brake()
+    load.engaged = true
+    const req = request({})
+    delay.hold(limiter, req, reply(), 'queueFull')
+    t.equal(delay.hold(limiter, req, reply(true), 'queueFull'), false)
+    t.equal(delay.size, 0)
+    t.equal(delay.hold(limiter, req, reply(), 'queueFull'), true, 'the connection\'s next refusal is held')
+    delay.drain()
   })
 
   t.test('engaged, HTTP/2 refusals are neither held nor counted', async (t) => {
     const { delay, load } = brake()
     load.engaged = true
     const session = {}
-    for (let i = 0; i < 3; i++) t.equal(delay.hold(limiter, request(session, 2), reply, 'queueFull'), false)
+    for (let i = 0; i < 3; i++) t.equal(delay.hold(limiter, request(session, 2), reply(), 'queueFull'), false)
     t.equal(load.sampling, false)
     t.same(Object.getOwnPropertySymbols(session), [])
   })
@@ -287,9 +367,9 @@ t.test('the brake, unit by unit', async (t) => {
     for (const random of [0, 0.999]) {
       Math.random = () => random
       const socket: Record<symbol, { answeredAt: number }> = {}
-      delay.hold(limiter, request(socket), reply, 'queueFull')
+      delay.hold(limiter, request(socket), reply(), 'queueFull')
       const before = performance.now()
-      t.equal(delay.hold(limiter, request(socket), reply, 'queueFull'), true)
+      t.equal(delay.hold(limiter, request(socket), reply(), 'queueFull'), true)
       holds.push(Math.round(socket[Object.getOwnPropertySymbols(socket)[0]].answeredAt - before))
     }
     // Measured from just before the call: a busy machine adds a few ms.
@@ -303,12 +383,12 @@ t.test('the brake, unit by unit', async (t) => {
     load.engaged = true
     const sockets = [{}, {}]
     const requests = sockets.map((socket) => request(socket))
-    for (const req of requests) t.equal(delay.hold(limiter, req, reply, 'queueFull'), false, 'a first refusal is answered')
-    for (const req of requests) t.equal(delay.hold(limiter, req, reply, 'queueFull'), true, 'a repeated one is held')
+    for (const req of requests) t.equal(delay.hold(limiter, req, reply(), 'queueFull'), false, 'a first refusal is answered')
+    for (const req of requests) t.equal(delay.hold(limiter, req, reply(), 'queueFull'), true, 'a repeated one is held')
     t.equal(delay.size, 2)
     t.equal(limiter.heldRejections, 2)
     load.engaged = false
-    t.equal(delay.hold(limiter, requests[0], reply, 'queueFull'), false, 'released: even a repeated refusal is answered at once')
+    t.equal(delay.hold(limiter, requests[0], reply(), 'queueFull'), false, 'released: even a repeated refusal is answered at once')
     t.same(answered, [])
     delay.drain()
     t.same(answered, requests)
@@ -321,8 +401,8 @@ t.test('the brake, unit by unit', async (t) => {
     const { delay, load, answered } = brake()
     load.engaged = true
     const req = request({})
-    delay.hold(limiter, req, reply, 'queueFull')
-    t.equal(delay.hold(limiter, req, reply, 'queueFull'), true)
+    delay.hold(limiter, req, reply(), 'queueFull')
+    t.equal(delay.hold(limiter, req, reply(), 'queueFull'), true)
     load.onMisjudged?.()
     t.same(answered, [req])
     t.equal(delay.size, 0)
