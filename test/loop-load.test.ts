@@ -500,8 +500,9 @@ t.test('every() ticks until stopped', async (t) => {
   t.equal(ticks, seen, 'no tick after stop')
 })
 
-t.test('the real clock and sampler by default', async (t) => {
+t.test('the real clock and sampler by default, and nothing held', async (t) => {
   const load = new LoopLoad()
+  t.equal(load.held(), 0, 'on its own, before a RejectDelay tells it')
   load.refused(true)
   t.equal(load.sampling, true)
   load.stop()
