@@ -102,38 +102,6 @@ export const SLOWED_MS = 100
  * timeouts in a probe.
  */
 export const SLOWED_STORM_PER_S = 250
-/**
- * Held clients that leave over about a second (see `LEFT_DECAY`), for the
- * brake to let go if refusals still come at `MIN_REFUSALS_PER_S` or more in
- * a sample within `LEFT_WITHIN_MS` of the last of them: they gave up while
- * held, and others send as before. A client that sends on its own schedule
- * with a deadline shorter than its hold does that (an open-loop client with
- * a 1 s timeout, held 0.75 to 1 s after its request waited in the client),
- * and so does a retrying client whose deadline is shorter than its hold:
- * holding turns their refusals into timeouts, which the brake must never
- * do. One client closing its connection is not enough; a storm that ends
- * closes its connections within a moment, and sends nothing after.
- */
-export const LEFT_MIN = 2
-/**
- * The same, as a share of the refusals held: where thousands are held, a few
- * clients leaving (a replica restarting, a proxy resetting connections) is
- * not the storm giving up.
- */
-export const LEFT_SHARE = 0.01
-/**
- * Per sample, what remains of the count of held clients that left: about a
- * second's worth. An open-loop client with a 1 s timeout left at one or two
- * a sample, with about a thousand held, for a second before the brake let
- * go of it on its own.
- */
-export const LEFT_DECAY = 0.95
-/**
- * A client whose requests time out is busy for a moment with aborting them
- * and opening connections, and sends little in the next sample or two
- * (a trace showed 0 refusals in 50 ms, then 2,400 a second).
- */
-export const LEFT_WITHIN_MS = 250
 /** After a misjudged engagement, the brake stays off this long; doubled each time in a row, up to MAX_SUPPRESS_MS. */
 export const FIRST_SUPPRESS_MS = 10_000
 export const MAX_SUPPRESS_MS = 80_000
@@ -177,8 +145,7 @@ export interface LoopLoadOptions {
  * loop's utilization is sampled, on one timer that runs only while refusals
  * happen, and the brake engages when the loop stays saturated while
  * refusals pour in (`ENGAGE_SAMPLES` in a row), retries among them. It lets
- * go, and stays off for a while, when holding did not help (`VERIFY_MS`)
- * or held clients give up while others keep sending (`LEFT_MIN`).
+ * go, and stays off for a while, when holding did not help (`VERIFY_MS`).
  *
  * The brake removes the load that engaged it, so the loop looks idle again:
  * it lets go only after a hold, and only once utilization has fallen well
@@ -197,12 +164,6 @@ export class LoopLoad {
   #refusals = 0
   /** Retries among them. */
   #retries = 0
-  /** Held clients that left since the last sample. */
-  #left = 0
-  /** Held clients that left, engaged, decayed by LEFT_DECAY a sample. */
-  #leftRecent = 0
-  /** When held clients last left with LEFT_MIN and LEFT_SHARE met, engaged. */
-  #leftAt = -Infinity
   #quiet = 0
   #stop: (() => void) | null = null
   #sampledAt = 0
@@ -231,10 +192,7 @@ export class LoopLoad {
   #engagedMs = 0
   #suppressedUntil = -Infinity
   #suppress = FIRST_SUPPRESS_MS
-  /**
-   * Called when the brake lets go because holding did not help, or held
-   * clients gave up: what it holds is to be answered now.
-   */
+  /** Called when the brake lets go because holding did not help: what it holds is to be answered now. */
   onMisjudged: (() => void) | null = null
   /** Refusals held back at the moment (set by `RejectDelay`). */
   held: () => number = () => 0
@@ -274,18 +232,12 @@ export class LoopLoad {
     if ((++this.#refusals & (SAMPLE_EVERY_REFUSALS - 1)) === 0 && this.#now() - this.#sampledAt >= SAMPLE_MS) this.#tick()
   }
 
-  /** Counts a held client that left before its refusal was answered. */
-  left (): void {
-    this.#left++
-  }
-
   #start (): void {
     // Discards the utilization since the last sample, from before these refusals.
     this.#sample()
     this.#sampledAt = this.#now()
     this.#refusals = 0
     this.#retries = 0
-    this.#left = 0
     this.#quiet = 0
     this.#stop = this.#every(this.#tick, SAMPLE_MS)
   }
@@ -302,34 +254,24 @@ export class LoopLoad {
     this.#refusals = 0
     const retries = this.#retries
     this.#retries = 0
-    const left = this.#left
-    this.#left = 0
     if (refusals === 0 && ++this.#quiet >= QUIET_SAMPLES) {
       this.stop()
       return
     }
     if (refusals > 0) this.#quiet = 0
-    this.update(utilization, refusals, this.#now(), retries, left)
+    this.update(utilization, refusals, this.#now(), retries)
   }
 
   /**
-   * Moves the brake on one sample: the loop's utilization, the refusals
-   * counted since the last and the retries among them, and the held clients
-   * that left meanwhile.
+   * Moves the brake on one sample: the loop's utilization, and the refusals
+   * counted since the last and the retries among them.
    */
-  update (utilization: number, refusals: number, now: number, retries = refusals, left = 0): void {
+  update (utilization: number, refusals: number, now: number, retries = refusals): void {
     // A saturated loop fires the timer late: refusals per millisecond.
     const elapsed = Math.max(1, now - this.#sampledAt)
     const rate = refusals / elapsed
     this.#sampledAt = now
     if (this.engaged) {
-      // Held clients gave up, and refusals still come: see LEFT_MIN.
-      if (now - this.#leftAt <= LEFT_WITHIN_MS && rate * 1000 >= MIN_REFUSALS_PER_S) {
-        this.#misjudged(now)
-        return
-      }
-      this.#leftRecent = this.#leftRecent * LEFT_DECAY + left
-      if (left > 0 && this.#leftRecent >= LEFT_MIN && this.#leftRecent >= LEFT_SHARE * (this.held() + left)) this.#leftAt = now
       if (!this.#relieved) {
         this.#engagedRefusals += refusals
         this.#engagedBusyMs += utilization * elapsed
@@ -391,8 +333,6 @@ export class LoopLoad {
     this.#gapMs = 0
     this.#gap = false
     this.#again = again
-    this.#leftRecent = 0
-    this.#leftAt = -Infinity
     this.#engagedRefusals = 0
     this.#engagedBusyMs = 0
     this.#engagedMs = 0

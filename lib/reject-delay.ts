@@ -66,9 +66,9 @@ export class RejectDelay {
     this.max = max
     this.#answer = answer
     this.load = load
-    // Holding did not slow the refusals or lighten the loop, or held
-    // clients gave up: they send on their own schedule, not as a storm
-    // does. Answer them now.
+    // Holding did not slow the refusals or lighten the loop: they belong
+    // to clients that send on their own schedule, not to a storm. Answer
+    // them now.
     load.onMisjudged = () => { this.#answerHeld() }
     load.held = () => this.size
   }
@@ -131,8 +131,7 @@ export class RejectDelay {
       limiter.heldRejections--
       this.#answer(limiter, request, reply, reason)
     }
-    // A client that leaves while held frees its place now, and tells the
-    // brake: it may have given up waiting (see `LoopLoad.left`). A response
+    // A client that leaves while held frees its place now. A response
     // pipelined behind another gets no 'close' from Node: it waits out its
     // hold, and its answer goes nowhere.
     const left = (): void => {
@@ -140,7 +139,6 @@ export class RejectDelay {
       this.#held.delete(timer)
       this.size--
       limiter.heldRejections--
-      load.left()
     }
     const timer = setTimeout(release, hold)
     this.#held.set(timer, release)

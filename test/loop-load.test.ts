@@ -6,9 +6,6 @@ import {
   every,
   FIRST_HOLD_MS,
   FIRST_SUPPRESS_MS,
-  LEFT_MIN,
-  LEFT_SHARE,
-  LEFT_WITHIN_MS,
   LoopLoad,
   loopUtilization,
   MAX_HOLD_MS,
@@ -29,10 +26,9 @@ import {
 // A brake that holds slows clients that retry at once: a tenth of the refusals.
 const SLOWED = MIN_REFUSALS / 10
 
-// A LoopLoad on a virtual clock: `sample(u, refusals, retries, left)` counts
-// the refusals (the first `retries` of them retries, all by default) and the
-// held clients that `left`, lets SAMPLE_MS pass with the loop busy `u` of the
-// time, and runs the tick.
+// A LoopLoad on a virtual clock: `sample(u, refusals, retries)` counts the
+// refusals (the first `retries` of them retries, all by default), lets
+// SAMPLE_MS pass with the loop busy `u` of the time, and runs the tick.
 function virtual () {
   let utilization = 0
   let clock = 0
@@ -51,9 +47,8 @@ function virtual () {
   load.onMisjudged = () => { calls.misjudged++ }
   // Refusals held back: a storm's, unless a test says otherwise.
   load.held = () => 1
-  const sample = (u: number, refusals = MIN_REFUSALS, retries = refusals, left = 0): boolean => {
+  const sample = (u: number, refusals = MIN_REFUSALS, retries = refusals): boolean => {
     for (let i = 0; i < refusals; i++) load.refused(i < retries)
-    for (let i = 0; i < left; i++) load.left()
     utilization = u
     clock += SAMPLE_MS
     if (tick === null) throw new Error('not sampling')
@@ -129,91 +124,6 @@ t.test('engages only once retries pour in: first refusals alone, however many, d
   other.sample(1, MIN_REFUSALS, MIN_REFUSALS)
   t.equal(other.sample(1, MIN_REFUSALS, 0), false, 'retries in the run, none in its last sample')
   t.equal(other.sample(1, MIN_REFUSALS, MIN_REFUSALS), true)
-})
-
-t.test('held clients that leave while refusals keep coming: let go, and off for a while', async (t) => {
-  const { calls, sample, hold, engage } = virtual()
-  t.equal(engage(), true)
-  // A client on its own schedule, with a timeout shorter than its holds.
-  t.equal(sample(0.5, MIN_REFUSALS, MIN_REFUSALS, LEFT_MIN), true, 'not in the sample they left in')
-  t.equal(sample(0.5, MIN_REFUSALS), false, 'in the next, refusals at MIN_REFUSALS_PER_S: let go')
-  t.equal(calls.misjudged, 1, 'what it holds is answered')
-  t.same(new Set(hold(1, FIRST_SUPPRESS_MS - SAMPLE_MS, 4 * MIN_REFUSALS)), new Set([false]), 'off for FIRST_SUPPRESS_MS')
-  t.equal(engage(), true, 'then it may engage again')
-
-  const few = virtual()
-  few.engage()
-  few.hold(0.5, SLOWED_MS, SLOWED)
-  t.equal(few.sample(0.5, MIN_REFUSALS, MIN_REFUSALS, LEFT_MIN - 1), true)
-  t.same(new Set(few.hold(0.5, VERIFY_MS, MIN_REFUSALS)), new Set([true]), 'one client leaving is not enough')
-  t.equal(few.calls.misjudged, 0)
-
-  // A client busy with its timeouts sends little for a sample or two.
-  const late = virtual()
-  late.engage()
-  late.sample(0.5, SLOWED, SLOWED, LEFT_MIN)
-  t.equal(late.sample(0.5, 0), true)
-  t.equal(late.sample(0.5, MIN_REFUSALS - 1), true, 'refusals below MIN_REFUSALS_PER_S')
-  t.equal(late.sample(0.5, MIN_REFUSALS), false, `refusals again ${3 * SAMPLE_MS} ms after: let go`)
-  t.ok(3 * SAMPLE_MS <= LEFT_WITHIN_MS)
-})
-
-t.test('what counts as held clients giving up', async (t) => {
-  const edge = virtual()
-  edge.engage()
-  edge.sample(0.5, SLOWED, SLOWED, LEFT_MIN)
-  const quiet = LEFT_WITHIN_MS / SAMPLE_MS - 1
-  t.same(Array.from({ length: quiet }, () => edge.sample(0.5, 0)), Array(quiet).fill(true))
-  t.equal(edge.sample(0.5, MIN_REFUSALS), false, `refusals exactly ${LEFT_WITHIN_MS} ms after: let go`)
-
-  // Clients that leave in the sample that engages the brake were never held by it.
-  const engaging = virtual()
-  for (let i = 0; i < ENGAGE_SAMPLES - 1; i++) engaging.sample(1)
-  t.equal(engaging.sample(1, MIN_REFUSALS, MIN_REFUSALS, LEFT_MIN), true)
-  t.equal(engaging.sample(0.5, MIN_REFUSALS), true, 'not counted')
-
-  // Judged a storm over its first second, and its clients give up later.
-  const relieved = virtual()
-  relieved.engage()
-  t.same(new Set(relieved.hold(0.5, VERIFY_MS + 10 * SAMPLE_MS, SLOWED)), new Set([true]))
-  relieved.sample(0.5, SLOWED, SLOWED, LEFT_MIN)
-  t.equal(relieved.sample(0.5, MIN_REFUSALS), false, 'let go all the same')
-  t.equal(relieved.calls.misjudged, 1)
-
-  // Thousands held: a few leaving is not the storm giving up.
-  const held = 1000
-  const share = Math.ceil(LEFT_SHARE * held / (1 - LEFT_SHARE))
-  const few = virtual()
-  few.load.held = () => held
-  few.engage()
-  few.sample(0.5, SLOWED, SLOWED, share - 1)
-  t.equal(few.sample(0.5, MIN_REFUSALS), true, `${share - 1} of ${held + share - 1}: under LEFT_SHARE`)
-  const enough = virtual()
-  enough.load.held = () => held
-  enough.engage()
-  enough.sample(0.5, SLOWED, SLOWED, share)
-  t.equal(enough.sample(0.5, MIN_REFUSALS), false, `${share} of ${held + share}`)
-
-  // One a sample adds up, over about a second.
-  const trickle = virtual()
-  trickle.load.held = () => held
-  trickle.engage()
-  // Busy enough for the brake to stay on past its first hold.
-  trickle.hold(RELEASE_BELOW, SLOWED_MS, SLOWED)
-  t.same(new Set(trickle.hold(RELEASE_BELOW, VERIFY_MS, MIN_REFUSALS)), new Set([true]), 'kept on while no one leaves')
-  const kept = Array.from({ length: 2 * VERIFY_MS / SAMPLE_MS }, () => trickle.sample(RELEASE_BELOW, MIN_REFUSALS, MIN_REFUSALS, 1))
-  const at = kept.indexOf(false) + 1
-  t.ok(at > 5 && at <= VERIFY_MS / SAMPLE_MS, `let go within a second, not on the first few: after ${at} samples`)
-})
-
-t.test('a storm that ends closes its held connections and sends nothing after: the brake stays on', async (t) => {
-  const { calls, sample, engage } = virtual()
-  t.equal(engage(), true)
-  t.equal(sample(0.5, SLOWED, SLOWED, 1000), true, 'every held client leaves')
-  const quiet = LEFT_WITHIN_MS / SAMPLE_MS
-  t.same(Array.from({ length: quiet }, () => sample(0.1, 0)), Array(quiet).fill(true), `nothing comes for ${LEFT_WITHIN_MS} ms`)
-  t.equal(sample(0.1, MIN_REFUSALS), true, 'refusals after that are not theirs')
-  t.equal(calls.misjudged, 0)
 })
 
 t.test('a flooded loop fires its timer late: refusals take the sample once it is due', async (t) => {
