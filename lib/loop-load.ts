@@ -290,7 +290,13 @@ export class LoopLoad {
             : this.#slowed && this.#engagedRefusals * 1000 >= SLOWED_STORM_PER_S * this.#engagedMs
           if (!this.#relieved) {
             // It did neither: the refusals were not what filled the loop.
-            this.#misjudged(now)
+            // Off, and not again for a while.
+            this.engaged = false
+            this.#releasedAt = -Infinity
+            this.#suppressedUntil = now + this.#suppress
+            this.#suppress = Math.min(MAX_SUPPRESS_MS, this.#suppress * 2)
+            this.#saturated = 0
+            this.onMisjudged?.()
             return
           }
         }
@@ -338,16 +344,6 @@ export class LoopLoad {
     this.#engagedMs = 0
     this.#engagedAt = now
     this.#hold = again ? Math.min(MAX_HOLD_MS, this.#hold * 2) : FIRST_HOLD_MS
-  }
-
-  /** Off, what it holds answered now, and not again for a while. */
-  #misjudged (now: number): void {
-    this.engaged = false
-    this.#releasedAt = -Infinity
-    this.#suppressedUntil = now + this.#suppress
-    this.#suppress = Math.min(MAX_SUPPRESS_MS, this.#suppress * 2)
-    this.#saturated = 0
-    this.onMisjudged?.()
   }
 
   /**

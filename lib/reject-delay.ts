@@ -87,7 +87,8 @@ export class RejectDelay {
       : load.samples - mark <= RECENT_SAMPLES))
     if (!load.engaged) {
       // Disengaged, a refusal costs a count and a small integer on its
-      // connection: no clock, no allocation.
+      // connection: no allocation, and no clock but on a connection held
+      // in an earlier engagement.
       socket[kRefusals] = load.samples
       return false
     }
