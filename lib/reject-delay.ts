@@ -81,10 +81,11 @@ export class RejectDelay {
     if (request.raw.httpVersionMajor === 2) return false
     const load = this.load
     const socket = request.raw.socket as unknown as { [kRefusals]?: Refusals }
-    const mark = socket[kRefusals]
-    load.refused(mark !== undefined && (typeof mark === 'object'
-      ? performance.now() - mark.answeredAt <= STREAK_WINDOW
-      : load.samples - mark <= RECENT_SAMPLES))
+    let streak = socket[kRefusals]
+    const retry = streak !== undefined && (typeof streak === 'object'
+      ? performance.now() - streak.answeredAt <= STREAK_WINDOW
+      : load.samples - streak <= RECENT_SAMPLES)
+    load.refused(retry)
     if (!load.engaged) {
       // Disengaged, a refusal costs a count and a small integer on its
       // connection: no allocation, and no clock but on a connection held
@@ -93,10 +94,8 @@ export class RejectDelay {
       return false
     }
     const now = performance.now()
-    let streak = socket[kRefusals]
     if (typeof streak !== 'object') {
       // Refused moments before the brake engaged: this is already a retry.
-      const retry = streak !== undefined && load.samples - streak <= RECENT_SAMPLES
       streak = { answeredAt: now, delay: 0 }
       socket[kRefusals] = streak
       if (!retry) return false
@@ -125,11 +124,14 @@ export class RejectDelay {
     // Node keeps timers of one duration in one list, and the lists in a
     // heap: a few hundred distinct holds, a timer per held refusal costs
     // O(1) to add to its list, O(log) to add a list.
-    const release = (): void => {
-      raw.removeListener('close', left)
+    const free = (): void => {
       this.#held.delete(timer)
       this.size--
       limiter.heldRejections--
+    }
+    const release = (): void => {
+      raw.removeListener('close', left)
+      free()
       this.#answer(limiter, request, reply, reason)
     }
     // A client that leaves while held frees its place now. A response
@@ -137,9 +139,7 @@ export class RejectDelay {
     // hold, and its answer goes nowhere.
     const left = (): void => {
       clearTimeout(timer)
-      this.#held.delete(timer)
-      this.size--
-      limiter.heldRejections--
+      free()
     }
     const timer = setTimeout(release, hold)
     this.#held.set(timer, release)
