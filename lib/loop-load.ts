@@ -74,8 +74,10 @@ export const RELIEF_BELOW = 0.85
 export const VERIFY_MS = 1000
 /**
  * A loop that holding lightened must also show the refusals slowed: below
- * `SLOWED_BELOW` of the storm's rate for `SLOWED_MS` running, while some
- * were held. A storm leaves that gap once its connections are all held
+ * `SLOWED_BELOW` of the storm's rate for `SLOWED_MS` running, while at
+ * least as many were held as the storm sent in `SLOWED_MS` (a client
+ * generating load at 25 times capacity on the same two cores stalled for
+ * 200-400 ms at a time with some 100 held, a tenth of that). A storm leaves that gap once its connections are all held
  * (none comes back before its hold ends): in traced storms of 1,000 and
  * 5,000 connections, 150 to 990 ms of it in the first second. A client that
  * sends on its own schedule keeps sending, on other connections, and the
@@ -277,7 +279,9 @@ export class LoopLoad {
         this.#engagedBusyMs += utilization * elapsed
         this.#engagedMs += elapsed
         if (rate < this.#stormRate * STORM_BACK) this.#slowed = true
-        this.#gapMs = rate < this.#stormRate * SLOWED_BELOW && this.held() > 0 ? this.#gapMs + elapsed : 0
+        // A gap that the refusals held account for: at least as many as the
+        // storm sent in SLOWED_MS. A client's own stall leaves one too.
+        this.#gapMs = rate < this.#stormRate * SLOWED_BELOW && this.held() >= this.#stormRate * SLOWED_MS ? this.#gapMs + elapsed : 0
         if (this.#gapMs >= SLOWED_MS) this.#gap = true
         // Judged over the whole of VERIFY_MS: one sample's dip says nothing
         // of a loop that a CPU-bound route keeps busy.

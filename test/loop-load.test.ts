@@ -46,7 +46,7 @@ function virtual () {
   })
   load.onMisjudged = () => { calls.misjudged++ }
   // Refusals held back: a storm's, unless a test says otherwise.
-  load.held = () => 1
+  load.held = () => 10_000
   const sample = (u: number, refusals = MIN_REFUSALS, retries = refusals): boolean => {
     for (let i = 0; i < refusals; i++) load.refused(i < retries)
     utilization = u
@@ -228,10 +228,12 @@ t.test('a loop that lightens while refusals come as fast as before was not light
   // A storm leaves a gap once its connections are held.
   const below = Math.ceil(MIN_REFUSALS * SLOWED_BELOW) - 1
   const cases: Array<[string, number, number, number, boolean]> = [
-    ['a gap of SLOWED_MS', SLOWED_MS, below, 1, true],
-    ['a gap shorter than SLOWED_MS', SLOWED_MS - SAMPLE_MS, below, 1, false],
-    ['refusals at SLOWED_BELOW of the storm\'s rate', SLOWED_MS, below + 1, 1, false],
-    ['a gap with nothing held: the clients\' own pause', SLOWED_MS, 0, 0, false]
+    ['a gap of SLOWED_MS', SLOWED_MS, below, 10_000, true],
+    ['a gap shorter than SLOWED_MS', SLOWED_MS - SAMPLE_MS, below, 10_000, false],
+    ['refusals at SLOWED_BELOW of the storm\'s rate', SLOWED_MS, below + 1, 10_000, false],
+    ['a gap with nothing held: the clients\' own pause', SLOWED_MS, 0, 0, false],
+    ['a gap with fewer held than the storm sends in SLOWED_MS', SLOWED_MS, 0, MIN_REFUSALS * SLOWED_MS / SAMPLE_MS - 1, false],
+    ['a gap with as many held', SLOWED_MS, 0, MIN_REFUSALS * SLOWED_MS / SAMPLE_MS, true]
   ]
   for (const [what, ms, refusals, holding, kept] of cases) {
     const storm = virtual()
