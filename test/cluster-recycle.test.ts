@@ -3,6 +3,7 @@
 // starts through the TypeScript loader, which takes seconds on a busy machine.
 import t from 'tap'
 import { load, ready, startCluster } from './helpers/cluster.js'
+import { Agent, request } from 'undici'
 import { sleep } from './helpers/server.js'
 
 t.setTimeout(150_000)
@@ -55,4 +56,33 @@ t.test('recycles after maxRequests under keep-alive GET and POST load: replaceme
   process.kill(cluster.child.pid as number, 'SIGTERM')
   t.same(await cluster.exited, { code: 0, signal: null })
   t.match(cluster.stderr(), /SIGTERM: draining \d workers/)
+})
+
+t.test('a client that opens a connection per request loses none across recycles', async (t) => {
+  // Each recycle ends with the old worker leaving while new connections
+  // arrive: one the primary hands it just then must be served elsewhere,
+  // not held open unanswered.
+  const cluster = startCluster(t, { workers: 1, maxRequests: 20, statsInterval: 100, drainTimeout: 5000, logger: undefined })
+  const origin = await ready(cluster)
+  const agent = new Agent({ headersTimeout: 5000, bodyTimeout: 5000 })
+  t.teardown(() => agent.destroy())
+  const failures: string[] = []
+  let ok = 0
+  const recycles = 5
+  const done = (): boolean => cluster.events.filter((e) => e.event === 'recycle').length >= recycles
+  const loop = async (): Promise<void> => {
+    while (!done()) {
+      try {
+        const response = await request(`${origin}/`, { dispatcher: agent, reset: true })
+        await response.body.dump()
+        if (response.statusCode === 200) ok++
+        else failures.push(String(response.statusCode))
+      } catch (error) {
+        failures.push((error as Error).message)
+      }
+    }
+  }
+  await Promise.all(Array.from({ length: 4 }, loop))
+  t.same(failures, [], `no request failed (${ok} answered)`)
+  t.ok(ok >= recycles * 20, `${ok} answered`)
 })

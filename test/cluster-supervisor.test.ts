@@ -28,7 +28,17 @@ class FakeWorker extends EventEmitter {
     this.env = env
   }
 
-  send (message: unknown): void { this.sent.push(message) }
+  /** False: its channel has closed, as Node's worker.send sees it. */
+  connected = true
+  send (message: unknown, _handle?: unknown, _options?: unknown, callback?: (error: Error | null) => void): void {
+    this.sent.push(message)
+    const error = this.connected ? null : new Error('Channel closed')
+    // Node's: without a callback, the error is the worker's 'error' event.
+    if (callback === undefined) {
+      if (error !== null) this.emit('error', error)
+    } else callback(error)
+  }
+
   message (body: object): void { this.emit('message', { tag: TAG, ...body }) }
   listen (keepAliveCapped: number | null = null, port = 4321, requestLimit: number | null = null): void {
     // maxRequests unset is Infinity in the worker: null once through IPC.
@@ -104,6 +114,10 @@ t.test('recycles one at a time, replacement first, and counts them by reason', a
   const stats = h.supervisor.stats()
   t.same(stats.workers.map((w) => w.state), ['draining', 'serving', 'serving'])
   t.same(stats.workers[0], { id: a.id, pid: a.process.pid, state: 'draining', requests: 42, requestLimit: null, rssBytes: 5 * 1024 * 1024, inFlight: 1, startedAt: stats.workers[0].startedAt })
+  t.same(a.sent, [{ tag: TAG, type: 'drain' }], 'drained, not yet told to exit')
+  a.message({ type: 'drained' })
+  t.same(a.sent, [{ tag: TAG, type: 'drain' }, { tag: TAG, type: 'exit' }], 'its drain done, it is told to exit')
+  t.equal(h.workers.length, 3, 'and it is still counted until it does')
   a.exit(0)
   t.equal(h.workers.length, 4, 'then the next one starts')
   h.workers[3].listen()
@@ -204,6 +218,23 @@ t.test('a drain that outlives drainTimeout: the cut is logged, and the worker ki
   await sleep(10)
   t.equal(h.supervisor.stats().workers.length, 2)
   t.notMatch(h.logs.join('\n'), /while draining/, 'killed by us: no second warning')
+})
+
+t.test('a worker gone before its exit is seen: telling it to drain does not end the primary', async (t) => {
+  const h = await started(t)
+  const [a, b] = h.workers
+  a.connected = false
+  b.message({ type: 'recycle', reason: 'requests' })
+  h.workers[2].listen()
+  t.equal(b.drained, true)
+  b.connected = false
+  b.message({ type: 'drained' })
+  t.same(b.sent.map((m) => (m as { type: string }).type), ['drain', 'exit'])
+  const closing = h.supervisor.close()
+  t.equal(a.drained, true, 'told, and its error ignored')
+  for (const worker of h.workers) worker.exit(0)
+  await closing
+  t.equal(h.supervisor.stats().workers.length, 0)
 })
 
 t.test('a worker that fails while draining is logged', async (t) => {

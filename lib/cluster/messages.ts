@@ -16,8 +16,9 @@ export type WorkerMessage =
   | { tag: typeof TAG, type: 'stats', rss: number, requests: number, inFlight: number }
   | { tag: typeof TAG, type: 'recycle', reason: Exclude<RecycleReason, 'crash'> }
   | { tag: typeof TAG, type: 'cut', cut: Cut }
+  | { tag: typeof TAG, type: 'drained' }
 
-export type PrimaryMessage = { tag: typeof TAG, type: 'drain' }
+export type PrimaryMessage = { tag: typeof TAG, type: 'drain' | 'exit' }
 
 export function isMessage<T extends { tag: string }> (message: unknown): message is T {
   return message !== null && typeof message === 'object' && (message as { tag?: unknown }).tag === TAG

@@ -247,6 +247,11 @@ export class Supervisor extends EventEmitter implements Cluster {
         this.#queue.push(slot)
         this.#next()
         break
+      case 'drained':
+        // Its listening handle's close, sent before this, has been read: no
+        // connection goes to it any more.
+        this.#tell(slot, 'exit')
+        break
       case 'cut':
         this.#cut.drains++
         this.#cut.inFlight += message.cut.inFlight
@@ -270,11 +275,18 @@ export class Supervisor extends EventEmitter implements Cluster {
 
   #drain (slot: Slot): void {
     slot.state = 'draining'
-    slot.worker.send({ tag: TAG, type: 'drain' } satisfies PrimaryMessage)
+    this.#tell(slot, 'drain')
     slot.killTimer = setTimeout(() => {
       this.#options.logger.warn(`worker ${slot.worker.id} (pid ${slot.pid}) did not exit ${KILL_GRACE_MS} ms after drainTimeout: killing it`)
       this.#kill(slot)
     }, this.#options.drainTimeout + KILL_GRACE_MS)
+  }
+
+  #tell (slot: Slot, type: PrimaryMessage['type']): void {
+    // A worker can be gone before its exit is seen here. Sent without a
+    // callback, the message's error would be thrown by the worker's
+    // 'error' event and end the primary; its exit is handled below.
+    slot.worker.send({ tag: TAG, type } satisfies PrimaryMessage, undefined, undefined, () => {})
   }
 
   #kill (slot: Slot): void {

@@ -98,7 +98,7 @@ export async function runWorker (options: ResolvedClusterOptions, factory: AppFa
   // The app's own messages on the channel are left alone.
   const onMessage = (message: unknown): void => {
     if (!isMessage<PrimaryMessage>(message)) return
-    process.removeListener('message', onMessage)
+    if (message.type === 'exit') process.exit(0)
     const deadline = setTimeout(() => {
       send({ type: 'cut', cut: drainer.cut() })
     }, options.drainTimeout)
@@ -107,7 +107,14 @@ export async function runWorker (options: ResolvedClusterOptions, factory: AppFa
       clearInterval(timer)
       // The app's own onClose hooks (database pools and the like).
       await fastify.close()
-      process.exit(0)
+      // Not gone yet: the primary may have handed this worker a connection
+      // before it read that the server had closed. Were the worker to exit
+      // with that connection still in the IPC pipe, the primary would keep
+      // it open and its client would wait for an answer that never comes
+      // (nodejs/node-v0.x-archive#7006). The primary reads the close before
+      // this message and answers it with 'exit': every connection handed
+      // earlier arrives first, and Node's cluster code hands it back.
+      send({ type: 'drained' })
     })
   }
   process.on('message', onMessage)
