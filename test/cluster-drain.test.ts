@@ -3,7 +3,8 @@
 import t, { type Test } from 'tap'
 import Fastify, { type FastifyInstance } from 'fastify'
 import { readFileSync } from 'node:fs'
-import { connect } from 'node:net'
+import { connect, type Server } from 'node:net'
+import { connect as tlsConnect } from 'node:tls'
 import { once } from 'node:events'
 import { Client } from 'undici'
 import concurrencyLimit from '../lib/index.js'
@@ -14,6 +15,13 @@ function deferred (): { promise: Promise<void>, resolve: () => void } {
   let resolve = (): void => {}
   const promise = new Promise<void>((_resolve) => { resolve = _resolve })
   return { promise, resolve }
+}
+
+/** Whether the server has accepted `count` connections. */
+async function connectionsOf (server: Server, count: number): Promise<boolean> {
+  return await new Promise((resolve, reject) => {
+    server.getConnections((error, n) => { if (error !== null) reject(error); else resolve(n >= count) })
+  })
 }
 
 interface Served { app: FastifyInstance, drainer: Drainer, origin: string, requests: () => number, release: () => void }
@@ -139,5 +147,56 @@ t.test('over HTTPS too: a request on an idle connection during the drain is serv
   const response = await client.request({ path: '/', method: 'GET' })
   t.equal(await response.body.text(), 'ok')
   t.equal(response.headers.connection, 'close')
+  await drained
+})
+
+t.test('over HTTPS, a connection still in its TLS handshake when the drain starts is waited for, and served', async (t) => {
+  const https = { key: readFileSync(new URL('./fixtures/key.pem', import.meta.url)), cert: readFileSync(new URL('./fixtures/cert.pem', import.meta.url)) }
+  const app = Fastify({ https })
+  app.get('/', async () => 'ok')
+  const drainer = new Drainer(() => {})
+  drainer.track(app.server)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  t.teardown(() => app.close())
+  const { port } = app.server.address() as { port: number }
+  // Connected, no ClientHello sent yet.
+  const raw = connect(port, '127.0.0.1')
+  await once(raw, 'connect')
+  while (!(await connectionsOf(app.server, 1))) await sleep(5)
+  let done = false
+  const drained = drainer.drain().then(() => { done = true })
+  await sleep(100)
+  t.equal(done, false, 'the drain waits for the connection in its handshake')
+  const secure = tlsConnect({ socket: raw, rejectUnauthorized: false })
+  await once(secure, 'secureConnect')
+  secure.write('GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+  let answer = ''
+  secure.setEncoding('utf8').on('data', (chunk: string) => { answer += chunk })
+  await once(secure, 'end')
+  t.match(answer, /^HTTP\/1\.1 200 /, 'served')
+  t.match(answer, /\r\nconnection: close\r\n/i, 'with Connection: close')
+  secure.destroy()
+  await drained
+  t.equal(done, true)
+})
+
+t.test('over HTTPS, cut ends a connection still in its TLS handshake and counts it idle', async (t) => {
+  const https = { key: readFileSync(new URL('./fixtures/key.pem', import.meta.url)), cert: readFileSync(new URL('./fixtures/cert.pem', import.meta.url)) }
+  const app = Fastify({ https })
+  app.get('/', async () => 'ok')
+  const drainer = new Drainer(() => {})
+  drainer.track(app.server)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  t.teardown(() => app.close())
+  const { port } = app.server.address() as { port: number }
+  const client = new Client(`https://127.0.0.1:${port}`, { connect: { rejectUnauthorized: false } })
+  t.teardown(() => client.destroy())
+  await (await client.request({ path: '/', method: 'GET' })).body.text()
+  const raw = connect(port, '127.0.0.1')
+  await once(raw, 'connect')
+  while (!(await connectionsOf(app.server, 2))) await sleep(5)
+  const drained = drainer.drain()
+  t.same(drainer.cut(), { inFlight: 0, idle: 2 }, 'the idle TLS connection and the one in its handshake')
+  await once(raw, 'close')
   await drained
 })

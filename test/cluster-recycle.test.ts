@@ -62,7 +62,7 @@ t.test('a client that opens a connection per request loses none across recycles'
   // Each recycle ends with the old worker leaving while new connections
   // arrive: one the primary hands it just then must be served elsewhere,
   // not held open unanswered.
-  const cluster = startCluster(t, { workers: 1, maxRequests: 20, statsInterval: 100, drainTimeout: 5000, logger: undefined })
+  const cluster = startCluster(t, { workers: 1, maxRequests: 20, statsInterval: 60_000, drainTimeout: 5000, logger: undefined })
   const origin = await ready(cluster)
   const agent = new Agent({ headersTimeout: 5000, bodyTimeout: 5000 })
   t.teardown(() => agent.destroy())
@@ -85,4 +85,8 @@ t.test('a client that opens a connection per request loses none across recycles'
   await Promise.all(Array.from({ length: 4 }, loop))
   t.same(failures, [], `no request failed (${ok} answered)`)
   t.ok(ok >= recycles * 20, `${ok} answered`)
+  // No report is due in a minute (statsInterval): the counts come with the
+  // worker's request to be recycled.
+  const counts = cluster.events.filter((e) => e.event === 'recycle').map((e) => (e as unknown as { requests: number }).requests)
+  t.ok(counts.every((n) => n >= 20), `each recycle event counts the worker's requests: ${counts.join(', ')}`)
 })

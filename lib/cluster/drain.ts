@@ -6,7 +6,7 @@ import { Server as TlsServer } from 'node:tls'
 export interface Cut {
   /** Requests accepted and not yet answered in full. */
   inFlight: number
-  /** Keep-alive connections with no request on them. */
+  /** Connections with no request on them: idle keep-alive ones, and TLS ones still in their handshake. */
   idle: number
 }
 
@@ -26,12 +26,18 @@ export interface Cut {
  *   the server's keep-alive timeout, which the client was told in the
  *   `Keep-Alive: timeout=N` header, runs out; a request that arrives on it
  *   first is served, with `Connection: close`.
- * The drain ends when no connection is left. HTTP/1 and HTTPS only: an
+ * The drain ends when no connection is left, TLS ones still in their
+ * handshake included (a request may follow). HTTP/1 and HTTPS only: an
  * HTTP/2 response cannot carry `Connection: close`.
  */
 export class Drainer {
   readonly #servers = new Set<Server>()
-  /** Every open connection and its responses not yet finished. */
+  /**
+   * Every open TCP connection. Over TLS, from before its handshake: one
+   * still in it when the drain starts carries a request yet.
+   */
+  readonly #connections = new Set<Socket>()
+  /** Every connection requests come on (over TLS, once its handshake is done), and its responses not yet finished. */
   readonly #sockets = new Map<Socket, Set<ServerResponse>>()
   readonly #onRequest: () => void
   #draining = false
@@ -57,14 +63,26 @@ export class Drainer {
   track (server: Server): void {
     if (this.#servers.has(server)) return
     this.#servers.add(server)
-    // Over TLS, requests come on the TLS socket, after the handshake.
-    server.prependListener(server instanceof TlsServer ? 'secureConnection' : 'connection', (socket: Socket) => {
-      this.#sockets.set(socket, new Set())
+    const tls = server instanceof TlsServer
+    server.prependListener('connection', (socket: Socket) => {
+      this.#connections.add(socket)
+      if (!tls) this.#sockets.set(socket, new Set())
       socket.once('close', () => {
+        this.#connections.delete(socket)
         this.#sockets.delete(socket)
         this.#check()
       })
     })
+    // Over TLS, requests come on the TLS socket, after the handshake.
+    if (tls) {
+      server.prependListener('secureConnection', (socket: Socket) => {
+        this.#sockets.set(socket, new Set())
+        socket.once('close', () => {
+          this.#sockets.delete(socket)
+          this.#check()
+        })
+      })
+    }
     server.prependListener('request', (request: IncomingMessage, response: ServerResponse) => {
       this.#onRequest()
       const responses = this.#sockets.get(request.socket)
@@ -103,11 +121,18 @@ export class Drainer {
       else cut.idle++
       socket.destroy()
     }
+    // Left: TLS connections still in their handshake (the others went with
+    // their TLS socket).
+    for (const socket of this.#connections) {
+      if (socket.destroyed) continue
+      cut.idle++
+      socket.destroy()
+    }
     return cut
   }
 
   #check (): void {
-    if (this.#draining && this.#sockets.size === 0 && this.#drained !== null) {
+    if (this.#draining && this.#connections.size === 0 && this.#sockets.size === 0 && this.#drained !== null) {
       this.#drained()
       this.#drained = null
     }

@@ -52,6 +52,9 @@ export async function runWorker (options: ResolvedClusterOptions, factory: AppFa
   const recycle = (reason: 'requests' | 'memory'): void => {
     if (askedToRecycle) return
     askedToRecycle = true
+    // The primary's log line and recycle event give the counts as of now,
+    // not as of a report up to statsInterval old (or none yet).
+    if (reason === 'requests') sendStats()
     send({ type: 'recycle', reason })
   }
   const drainer = new Drainer(() => {
@@ -86,10 +89,13 @@ export async function runWorker (options: ResolvedClusterOptions, factory: AppFa
     })
   }
 
-  const report = (): void => {
+  const sendStats = (): number => {
     const rss = process.memoryUsage.rss()
     send({ type: 'stats', rss, requests, inFlight: drainer.inFlight })
-    if (rss > options.maxRssBytes) recycle('memory')
+    return rss
+  }
+  const report = (): void => {
+    if (sendStats() > options.maxRssBytes) recycle('memory')
   }
   const timer = setInterval(report, options.statsInterval)
   timer.unref()
