@@ -24,6 +24,19 @@ async function connectionsOf (server: Server, count: number): Promise<boolean> {
   })
 }
 
+/** An HTTPS app answering GET / with 'ok', its server tracked by a Drainer. */
+async function serveHttps (t: Test): Promise<{ app: FastifyInstance, drainer: Drainer, port: number }> {
+  const https = { key: readFileSync(new URL('./fixtures/key.pem', import.meta.url)), cert: readFileSync(new URL('./fixtures/cert.pem', import.meta.url)) }
+  const app = Fastify({ https })
+  app.get('/', async () => 'ok')
+  const drainer = new Drainer(() => {})
+  drainer.track(app.server)
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  t.teardown(() => app.close())
+  const { port } = app.server.address() as { port: number }
+  return { app, drainer, port }
+}
+
 interface Served { app: FastifyInstance, drainer: Drainer, origin: string, requests: () => number, release: () => void }
 
 // A Fastify app with the plugin (one slot, a queue) and a /slow route that
@@ -132,14 +145,7 @@ t.test('cut ends every connection left and counts them', async (t) => {
 })
 
 t.test('over HTTPS too: a request on an idle connection during the drain is served with Connection: close', async (t) => {
-  const https = { key: readFileSync(new URL('./fixtures/key.pem', import.meta.url)), cert: readFileSync(new URL('./fixtures/cert.pem', import.meta.url)) }
-  const app = Fastify({ https })
-  app.get('/', async () => 'ok')
-  const drainer = new Drainer(() => {})
-  drainer.track(app.server)
-  await app.listen({ host: '127.0.0.1', port: 0 })
-  t.teardown(() => app.close())
-  const { port } = app.server.address() as { port: number }
+  const { drainer, port } = await serveHttps(t)
   const client = new Client(`https://127.0.0.1:${port}`, { connect: { rejectUnauthorized: false } })
   t.teardown(() => client.destroy())
   await (await client.request({ path: '/', method: 'GET' })).body.text()
@@ -151,14 +157,7 @@ t.test('over HTTPS too: a request on an idle connection during the drain is serv
 })
 
 t.test('over HTTPS, a connection still in its TLS handshake when the drain starts is waited for, and served', async (t) => {
-  const https = { key: readFileSync(new URL('./fixtures/key.pem', import.meta.url)), cert: readFileSync(new URL('./fixtures/cert.pem', import.meta.url)) }
-  const app = Fastify({ https })
-  app.get('/', async () => 'ok')
-  const drainer = new Drainer(() => {})
-  drainer.track(app.server)
-  await app.listen({ host: '127.0.0.1', port: 0 })
-  t.teardown(() => app.close())
-  const { port } = app.server.address() as { port: number }
+  const { app, drainer, port } = await serveHttps(t)
   // Connected, no ClientHello sent yet.
   const raw = connect(port, '127.0.0.1')
   await once(raw, 'connect')
@@ -181,14 +180,7 @@ t.test('over HTTPS, a connection still in its TLS handshake when the drain start
 })
 
 t.test('over HTTPS, cut ends a connection still in its TLS handshake and counts it idle', async (t) => {
-  const https = { key: readFileSync(new URL('./fixtures/key.pem', import.meta.url)), cert: readFileSync(new URL('./fixtures/cert.pem', import.meta.url)) }
-  const app = Fastify({ https })
-  app.get('/', async () => 'ok')
-  const drainer = new Drainer(() => {})
-  drainer.track(app.server)
-  await app.listen({ host: '127.0.0.1', port: 0 })
-  t.teardown(() => app.close())
-  const { port } = app.server.address() as { port: number }
+  const { app, drainer, port } = await serveHttps(t)
   const client = new Client(`https://127.0.0.1:${port}`, { connect: { rejectUnauthorized: false } })
   t.teardown(() => client.destroy())
   await (await client.request({ path: '/', method: 'GET' })).body.text()
