@@ -80,6 +80,7 @@ t.test('a drain answers what was accepted, queued requests included, each with C
   while (drainer.inFlight < 3) await sleep(5)
   t.equal(requests(), 3, 'every request counted')
   const drained = drainer.drain()
+  t.equal(drainer.drain(), drained, 'a second drain is the first')
   t.equal(drainer.draining, true)
   // No new connection is accepted.
   const refused = connect(new URL(origin).port as unknown as number, '127.0.0.1')

@@ -61,7 +61,9 @@ t.test('recycles after maxRequests under keep-alive GET and POST load: replaceme
 t.test('a client that opens a connection per request loses none across recycles', async (t) => {
   // Each recycle ends with the old worker leaving while new connections
   // arrive: one the primary hands it just then must be served elsewhere,
-  // not held open unanswered.
+  // not held open unanswered. A race, so this can pass by luck (it failed
+  // in two runs of two without the worker waiting for the primary's word);
+  // test/cluster-worker.test.ts checks that wait itself.
   const cluster = startCluster(t, { workers: 1, maxRequests: 20, statsInterval: 60_000, drainTimeout: 5000, logger: undefined })
   const origin = await ready(cluster)
   const agent = new Agent({ headersTimeout: 5000, bodyTimeout: 5000 })

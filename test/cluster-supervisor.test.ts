@@ -237,6 +237,23 @@ t.test('a worker gone before its exit is seen: telling it to drain does not end 
   t.equal(h.supervisor.stats().workers.length, 0)
 })
 
+t.test('a replacement killed by a close whose listening was on its way: the old worker is drained once', async (t) => {
+  const h = await started(t, { drainTimeout: 20 })
+  const [a] = h.workers
+  a.message({ type: 'recycle', reason: 'requests' })
+  const c = h.workers[2]
+  const closing = h.supervisor.close()
+  t.same(c.signals, ['SIGKILL'], 'the replacement, starting, is killed')
+  c.listen()
+  t.same(a.sent.map((m) => (m as { type: string }).type), ['drain'], 'drained by the close only')
+  t.equal(h.supervisor.stats().recycles.requests, 0, 'no recycle counted')
+  a.exit(0)
+  h.workers[1].exit(0)
+  await closing
+  await sleep(2100)
+  t.notMatch(h.logs.join('\n'), /killing it/, 'no kill timer left behind')
+})
+
 t.test('a worker that fails while draining is logged', async (t) => {
   const h = await started(t)
   const [a] = h.workers

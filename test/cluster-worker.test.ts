@@ -31,6 +31,7 @@ t.test('a drained worker waits for the primary before it exits', async (t) => {
   t.equal(await response.body.text(), 'ok')
   const exited = once(child, 'exit')
   child.send({ tag: TAG, type: 'drain' })
+  child.send({ tag: TAG, type: 'drain' }) // a second one changes nothing
   await seen((m) => m.type === 'drained')
   t.same(messages.filter((m) => m.app === 'closed' || m.type === 'drained').map((m) => m.app ?? m.type), ['closed', 'drained'],
     "the app's onClose hooks ran first")
@@ -41,4 +42,6 @@ t.test('a drained worker waits for the primary before it exits', async (t) => {
   t.equal(child.exitCode, null, "the app's own messages are not the answer")
   child.send({ tag: TAG, type: 'exit' })
   t.same(await exited, [0, null], 'then it exits 0')
+  t.same(messages.filter((m) => m.type === 'drained' || m.type === 'exiting').map((m) => m.type), ['drained', 'exiting'],
+    'drained once, and its last word written before it exits')
 })

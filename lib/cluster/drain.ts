@@ -42,6 +42,7 @@ export class Drainer {
   readonly #onRequest: () => void
   #draining = false
   #drained: (() => void) | null = null
+  #done: Promise<void> | null = null
 
   /** `onRequest` is called for every request the servers receive. */
   constructor (onRequest: () => void) {
@@ -84,7 +85,6 @@ export class Drainer {
       })
     }
     server.prependListener('request', (request: IncomingMessage, response: ServerResponse) => {
-      this.#onRequest()
       const responses = this.#sockets.get(request.socket)
       // Always there: a request comes on a connection seen before it.
       /* c8 ignore next */
@@ -92,11 +92,14 @@ export class Drainer {
       responses.add(response)
       response.once('close', () => { responses.delete(response) })
       if (this.#draining) response.setHeader('connection', 'close')
+      // Last: `inFlight` counts this request.
+      this.#onRequest()
     })
   }
 
-  /** Starts the drain (once); resolves once every connection has ended. */
+  /** Starts the drain; resolves once every connection has ended. Called again, the same promise. */
   drain (): Promise<void> {
+    if (this.#draining) return this.#done as Promise<void>
     this.#draining = true
     // net.Server's close, not http.Server's: the latter also resets the
     // idle keep-alive connections.
@@ -108,9 +111,9 @@ export class Drainer {
         if (!response.headersSent) response.setHeader('connection', 'close')
       }
     }
-    const drained = new Promise<void>((resolve) => { this.#drained = resolve })
+    this.#done = new Promise<void>((resolve) => { this.#drained = resolve })
     this.#check()
-    return drained
+    return this.#done
   }
 
   /** Ends every connection left at once and says what was cut. */

@@ -17,6 +17,7 @@ export type WorkerMessage =
   | { tag: typeof TAG, type: 'recycle', reason: Exclude<RecycleReason, 'crash'> }
   | { tag: typeof TAG, type: 'cut', cut: Cut }
   | { tag: typeof TAG, type: 'drained' }
+  | { tag: typeof TAG, type: 'exiting' }
 
 export type PrimaryMessage = { tag: typeof TAG, type: 'drain' | 'exit' }
 

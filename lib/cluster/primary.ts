@@ -205,6 +205,8 @@ export class Supervisor extends EventEmitter implements Cluster {
     const log = this.#options.logger
     switch (message.type) {
       case 'listening': {
+        // Killed while it started (a close), its word was on its way.
+        if (slot.killed) break
         slot.state = 'serving'
         slot.listenedAt = Date.now()
         slot.requestLimit = Number.isFinite(message.requestLimit) ? message.requestLimit : null

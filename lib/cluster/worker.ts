@@ -104,7 +104,14 @@ export async function runWorker (options: ResolvedClusterOptions, factory: AppFa
   // The app's own messages on the channel are left alone.
   const onMessage = (message: unknown): void => {
     if (!isMessage<PrimaryMessage>(message)) return
-    if (message.type === 'exit') process.exit(0)
+    if (message.type === 'exit') {
+      // Node's answer to a connection handed back was sent first: once this
+      // is written, so is it (a write to a full pipe waits in a queue that
+      // process.exit() would drop).
+      send({ type: 'exiting' }).then(() => process.exit(0))
+      return
+    }
+    if (drainer.draining) return
     const deadline = setTimeout(() => {
       send({ type: 'cut', cut: drainer.cut() })
     }, options.drainTimeout)
