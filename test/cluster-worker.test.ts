@@ -45,3 +45,26 @@ t.test('a drained worker waits for the primary before it exits', async (t) => {
   t.same(messages.filter((m) => m.type === 'drained' || m.type === 'exiting').map((m) => m.type), ['drained', 'exiting'],
     'drained once, and its last word written before it exits')
 })
+
+t.test('an onClose hook that fails: the worker still waits for the primary, then exits 1 and says why', async (t) => {
+  const child = fork(fixture, { execArgv: process.execArgv, stdio: ['ignore', 'inherit', 'pipe', 'ipc'], env: { ...process.env, FCL_FAIL_CLOSE: '1' } })
+  t.teardown(() => { child.kill('SIGKILL') })
+  let stderr = ''
+  child.stderr?.setEncoding('utf8').on('data', (chunk: string) => { stderr += chunk })
+  const types: string[] = []
+  const drained = new Promise<void>((resolve) => {
+    child.on('message', (m: { type?: string }) => {
+      if (m.type !== undefined) types.push(m.type)
+      if (m.type === 'listening') child.send({ tag: TAG, type: 'drain' })
+      if (m.type === 'drained') resolve()
+    })
+  })
+  const exited = once(child, 'exit')
+  await drained
+  await sleep(200)
+  t.equal(child.exitCode, null, 'still there until the primary answers')
+  child.send({ tag: TAG, type: 'exit' })
+  t.same(await exited, [1, null])
+  t.match(stderr, /worker \(pid \d+\) failed to close its app: Error: onClose failed on purpose/)
+  t.same(types.slice(-2), ['drained', 'exiting'])
+})

@@ -101,6 +101,7 @@ export async function runWorker (options: ResolvedClusterOptions, factory: AppFa
   timer.unref()
 
   const fastify = app
+  let exitCode = 0
   // The app's own messages on the channel are left alone.
   const onMessage = (message: unknown): void => {
     if (!isMessage<PrimaryMessage>(message)) return
@@ -108,7 +109,7 @@ export async function runWorker (options: ResolvedClusterOptions, factory: AppFa
       // Node's answer to a connection handed back was sent first: once this
       // is written, so is it (a write to a full pipe waits in a queue that
       // process.exit() would drop).
-      send({ type: 'exiting' }).then(() => process.exit(0))
+      send({ type: 'exiting' }).then(() => process.exit(exitCode))
       return
     }
     if (drainer.draining) return
@@ -118,8 +119,15 @@ export async function runWorker (options: ResolvedClusterOptions, factory: AppFa
     drainer.drain().then(async () => {
       clearTimeout(deadline)
       clearInterval(timer)
-      // The app's own onClose hooks (database pools and the like).
-      await fastify.close()
+      // The app's own onClose hooks (database pools and the like). One that
+      // fails must not end the worker before the primary's word (below):
+      // it exits 1 then, and the primary logs it.
+      try {
+        await fastify.close()
+      } catch (error) {
+        options.logger.error(`worker (pid ${process.pid}) failed to close its app: ${describe(error)}`)
+        exitCode = 1
+      }
       // Not gone yet: the primary may have handed this worker a connection
       // before it read that the server had closed. Were the worker to exit
       // with that connection still in the IPC pipe, the primary would keep
