@@ -24,7 +24,7 @@ import { registerMetrics } from './metrics.js'
 import { decideAfterTwoTurns, isFirstOfConnection, type Decide } from './first-request.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
-import { closeListener, Ticket, ticketOf, type Admission, type Done } from './ticket.js'
+import { closeListener, streamEndListener, Ticket, ticketOf, type Admission, type Done } from './ticket.js'
 
 export type { ConnectionStats } from './connection-guard.js'
 export { channels } from './diagnostics.js'
@@ -133,6 +133,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
   // (one at the root, another in a child context) holds a ticket of each.
   const key = Symbol('fastify-concurrency-limit.ticket')
   const onClose = closeListener(key)
+  const onStreamEnd = streamEndListener(key)
   // Child contexts inherit it: a route sees the registration nearest to it.
   ;(fastify as unknown as Record<symbol, symbol>)[kNearest] = key
   const seen = new Set<string>()
@@ -152,7 +153,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     if (own) for (const warning of resolved.warnings) fastify.log.warn(warning)
     const limiter = pools.forRoute(routeName, route.url, config as object, resolved)
     const atOnce = Object.freeze(reporter.facts(limiter.name, 0))
-    const admission: Admission = { limiter, rejecter, key, reporter, onClose, atOnce }
+    const admission: Admission = { limiter, rejecter, key, reporter, onClose, onStreamEnd, atOnce }
     const stage: HookName = resolved.hook ?? options.hook
     const priority = levelOrPicker(resolved.priority ??
       (resolved.group === undefined ? undefined : options.groupPriorities.get(resolved.group)) ?? options.priority)

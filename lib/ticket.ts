@@ -29,6 +29,8 @@ export interface Admission {
   readonly reporter: Reporter
   /** The 'close' listener of the registration's tickets (see `closeListener`). */
   readonly onClose: (this: object) => void
+  /** The 'end' listener of its HTTP/2 streams (see `streamEndListener`). */
+  readonly onStreamEnd: (this: Http2Stream) => void
   /** `request.concurrencyLimit` of a request admitted at once: the same for all. */
   readonly atOnce: RequestConcurrencyLimit
 }
@@ -41,6 +43,17 @@ export interface Admission {
 export function closeListener (key: symbol): (this: object) => void {
   return function onClose (this: object): void {
     (this as Record<symbol, Ticket>)[key].responseClose()
+  }
+}
+
+/**
+ * The registration's listener for an HTTP/2 stream's 'end': a stream that
+ * the peer closed is over even when Node never emits its 'close' (see the
+ * class comment of `Ticket`).
+ */
+export function streamEndListener (key: symbol): (this: Http2Stream) => void {
+  return function onStreamEnd (this: Http2Stream): void {
+    if (this.closed) (this as unknown as Record<symbol, Ticket>)[key].responseClose()
   }
 }
 
@@ -71,9 +84,15 @@ type TrackedSocket = Socket & { [kOpenTickets]?: Set<Ticket> }
  * - HTTP/2: `request.raw.socket` stands for the whole session. Each request
  *   is a stream, and a stream is destroyed, and emits 'close' once, however
  *   it ends: a response sent, RST_STREAM from the client, the session
- *   destroyed, or a GOAWAY whose last stream id is below it. A stream that
- *   ended while an earlier hook ran is seen by `destroyed`
- *   (`Http2ServerResponse` has no `closed`).
+ *   destroyed, or a GOAWAY whose last stream id is below it. But not
+ *   always: a stream that the peer closed (a session the client destroyed,
+ *   which Node closes gracefully on its GOAWAY) while the response's last
+ *   write was on its way never finishes that write, so Node 20 to 24 never
+ *   destroy it, and its 'close' never comes (the stream and its session
+ *   leak, with or without this plugin). Node marks such a stream `closed`
+ *   and ends its readable side: its 'end' with `closed` set ends the ticket
+ *   too. A stream that ended while an earlier hook ran is seen by
+ *   `destroyed` or `closed` (`Http2ServerResponse` has no `closed`).
  */
 export class Ticket implements Waiter {
   prev: Waiter | null = null
@@ -121,6 +140,7 @@ export class Ticket implements Waiter {
       (stream as unknown as Record<symbol, unknown>)[key] = this
       // 'close' comes once: `on` spares the wrapper that `once` allocates.
       stream.on('close', onClose)
+      stream.on('end', this.admission.onStreamEnd)
     } else {
       res.on('close', onClose)
       // HTTP/1.1 answers a connection's requests in order. A pipelined request
@@ -300,7 +320,7 @@ function settleReply (reply: FastifyReply): void {
 /** True once a request's client can no longer be answered (see `Ticket.gone`). */
 export function clientGone (request: FastifyRequest, reply: FastifyReply): boolean {
   const stream = streamOf(request)
-  if (stream !== undefined) return stream.destroyed
+  if (stream !== undefined) return stream.destroyed || stream.closed
   return request.raw.socket.destroyed || (reply.raw as ServerResponse).closed
 }
 
