@@ -47,13 +47,24 @@ export function closeListener (key: symbol): (this: object) => void {
 }
 
 /**
+ * How long a stream that the peer closed with its last write unfinished may
+ * still end on its own (its write finishes, Node destroys it, 'close' comes)
+ * before its ticket is ended anyway.
+ */
+export const UNFINISHED_STREAM_MS = 1000
+
+/**
  * The registration's listener for an HTTP/2 stream's 'end': a stream that
  * the peer closed is over even when Node never emits its 'close' (see the
- * class comment of `Ticket`).
+ * class comment of `Ticket`). Its last write may still finish, and then the
+ * 'close' comes: in that while the response is still going out, so the
+ * ticket is ended only after `UNFINISHED_STREAM_MS` (a second time is a no-op).
  */
 export function streamEndListener (key: symbol): (this: Http2Stream) => void {
   return function onStreamEnd (this: Http2Stream): void {
-    if (this.closed) (this as unknown as Record<symbol, Ticket>)[key].responseClose()
+    if (!this.closed || this.writableFinished) return
+    const ticket = (this as unknown as Record<symbol, Ticket>)[key]
+    setTimeout(() => { ticket.responseClose() }, UNFINISHED_STREAM_MS).unref()
   }
 }
 
@@ -90,8 +101,8 @@ type TrackedSocket = Socket & { [kOpenTickets]?: Set<Ticket> }
  *   write was on its way never finishes that write, so Node 20 to 24 never
  *   destroy it, and its 'close' never comes (the stream and its session
  *   leak, with or without this plugin). Node marks such a stream `closed`
- *   and ends its readable side: its 'end' with `closed` set ends the ticket
- *   too. A stream that ended while an earlier hook ran is seen by
+ *   and ends its readable side: its 'end' with `closed` set and its write
+ *   unfinished ends the ticket too, a second later (`UNFINISHED_STREAM_MS`). A stream that ended while an earlier hook ran is seen by
  *   `destroyed` or `closed` (`Http2ServerResponse` has no `closed`).
  */
 export class Ticket implements Waiter {
