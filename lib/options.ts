@@ -1,6 +1,7 @@
 import { STATUS_CODES } from 'node:http'
 import type { FastifyRequest, RouteOptions } from 'fastify'
 import { InvalidOptionError } from './errors.js'
+import { showValue } from './show-value.js'
 import type { AdaptiveSettings, LimiterSettings, RejectReason } from './limiter.js'
 import { checkStore, sameStore, type StoreOptions, type StoreSettings } from './store/options.js'
 
@@ -274,18 +275,8 @@ const ROUTE_KEYS = new Set<string>([...POOL_KEYS, 'priority', 'group', 'hook'])
 const GROUP_KEYS = new Set<string>([...POOL_KEYS, 'priority'])
 const PRIORITIES: readonly string[] = ['critical', 'normal', 'sheddable']
 
-function show (value: unknown): string {
-  if (typeof value === 'function') return 'a function'
-  if (typeof value === 'number' || typeof value === 'bigint') return String(value)
-  try {
-    return JSON.stringify(value) ?? String(value)
-  } catch {
-    return Object.prototype.toString.call(value)
-  }
-}
-
 function fail (where: string, key: string, expected: string, value: unknown): never {
-  throw new InvalidOptionError(`${where}${key} must be ${expected}, received ${show(value)}`)
+  throw new InvalidOptionError(`${where}${key} must be ${expected}, received ${showValue(value)}`)
 }
 
 function isPlainObject (value: unknown): value is Record<string, unknown> {
@@ -397,7 +388,7 @@ function checkPriority (where: string, priority: unknown): PriorityOption | unde
 /** What a `priority` function returned, checked: a wrong value is the application's bug, told as such. */
 export function checkPriorityResult (value: unknown): Priority {
   if (typeof value === 'string' && PRIORITIES.includes(value)) return value as Priority
-  throw new InvalidOptionError(`priority() must return 'critical', 'normal' or 'sheddable', returned ${show(value)}`)
+  throw new InvalidOptionError(`priority() must return 'critical', 'normal' or 'sheddable', returned ${showValue(value)}`)
 }
 
 function checkExempt (exempt: unknown): ((route: RouteOptions) => boolean) | null {
@@ -426,7 +417,7 @@ function checkMetrics (metrics: unknown): ResolvedOptions['metrics'] {
   if (registry === null || typeof registry !== 'object' ||
     methods.some((method) => typeof (registry as Record<string, unknown>)[method] !== 'function')) {
     throw new InvalidOptionError('metrics.registry must be a prom-client Registry (new Registry(), or prom-client\'s register), ' +
-      `received ${registry === null || typeof registry !== 'object' ? show(registry) : 'an object without its methods'}`)
+      `received ${registry === null || typeof registry !== 'object' ? showValue(registry) : 'an object without its methods'}`)
   }
   if (prefix !== undefined && !(typeof prefix === 'string' && METRIC_NAME.test(prefix))) {
     fail('', 'metrics.prefix', 'the start of a Prometheus metric name (letters, digits, _ and :, not a digit first)', prefix)
@@ -538,7 +529,7 @@ export function resolveRouteConfig (route: string, config: unknown, global: bool
   if (config === false) return null
   if (config === true) return { pool: null, group: undefined, hook: undefined, priority: undefined, warnings: NO_WARNINGS }
   if (!isPlainObject(config)) {
-    throw new InvalidOptionError(`route ${route}: config.concurrencyLimit must be an object, true or false, received ${show(config)}`)
+    throw new InvalidOptionError(`route ${route}: config.concurrencyLimit must be an object, true or false, received ${showValue(config)}`)
   }
   checkKeys(where, config, ROUTE_KEYS)
   const { group } = config

@@ -383,6 +383,9 @@ t.test('store options are checked', async (t) => {
     ['null client', { store: { redis: null } }, /store.redis must be an ioredis client .*received "object"$/],
     ['unknown key', { store: { redis, ttl: 5 } }, /store.ttl is not an option \(expected one of redis, leaseMs, onStoreError, instances, nameSpace, timeout\)$/],
     ['leaseMs', { store: { redis, leaseMs: 50 } }, /store.leaseMs must be an integer number of milliseconds from 100 to 2147483647, received 50$/],
+    // JSON would show both as null.
+    ['leaseMs Infinity', { store: { redis, leaseMs: Infinity } }, /store.leaseMs must be .*, received Infinity$/],
+    ['timeout NaN', { store: { redis, timeout: NaN } }, /store.timeout must be .*, received NaN$/],
     ['onStoreError', { store: { redis, onStoreError: 'ignore' } }, /store.onStoreError must be one of refuse, allow, local, received "ignore"$/],
     ['instances', { store: { redis, onStoreError: 'local', instances: 0 } }, /store.instances must be an integer >= 1, received 0$/],
     ['local without instances', { store: { redis, onStoreError: 'local' } }, /store.instances must be set with onStoreError 'local'/],

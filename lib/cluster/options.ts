@@ -1,6 +1,7 @@
 import { availableParallelism } from 'node:os'
 import type { FastifyInstance, FastifyListenOptions } from 'fastify'
 import { InvalidOptionError } from '../errors.js'
+import { showValue } from '../show-value.js'
 
 /** Where the cluster writes its log lines (one line a call). */
 export interface ClusterLogger {
@@ -56,18 +57,8 @@ const KEYS = new Set(['workers', 'maxRequests', 'maxRequestsJitter', 'maxRssMb',
 // setTimeout's ceiling: a longer delay fires at once.
 const MAX_DELAY = 2_147_483_647
 
-function show (value: unknown): string {
-  if (typeof value === 'function') return 'a function'
-  if (typeof value === 'number') return String(value)
-  try {
-    return JSON.stringify(value) ?? String(value)
-  } catch {
-    return Object.prototype.toString.call(value)
-  }
-}
-
 function fail (key: string, expected: string, value: unknown): never {
-  throw new InvalidOptionError(`runCluster: ${key} must be ${expected}, received ${show(value)}`)
+  throw new InvalidOptionError(`runCluster: ${key} must be ${expected}, received ${showValue(value)}`)
 }
 
 function integer (options: Record<string, unknown>, key: string, min: number, max: number): number | undefined {

@@ -1,4 +1,5 @@
 import { InvalidOptionError } from '../errors.js'
+import { showValue } from '../show-value.js'
 
 /**
  * The few methods of an ioredis client that a shared pool calls. The plugin
@@ -63,17 +64,8 @@ const MAX_TIMEOUT = 2 ** 31 - 1
 const KEYS = ['redis', 'leaseMs', 'onStoreError', 'instances', 'nameSpace', 'timeout']
 const MODES: readonly OnStoreError[] = ['refuse', 'allow', 'local']
 
-function show (value: unknown): string {
-  if (typeof value === 'function') return 'a function'
-  try {
-    return JSON.stringify(value) ?? String(value)
-  } catch {
-    return Object.prototype.toString.call(value)
-  }
-}
-
 function invalid (where: string, key: string, expected: string, value: unknown): never {
-  throw new InvalidOptionError(`${where}store.${key} must be ${expected}, received ${show(value)}`)
+  throw new InvalidOptionError(`${where}store.${key} must be ${expected}, received ${showValue(value)}`)
 }
 
 function isClient (value: unknown): value is RedisClient {
@@ -85,7 +77,7 @@ function isClient (value: unknown): value is RedisClient {
 /** Checks a pool's `store` option; `where` names the pool as the other messages do. */
 export function checkStore (where: string, store: unknown): StoreSettings {
   if (store === null || typeof store !== 'object' || Array.isArray(store)) {
-    throw new InvalidOptionError(`${where}store must be an object such as { redis }, received ${show(store)}`)
+    throw new InvalidOptionError(`${where}store must be an object such as { redis }, received ${showValue(store)}`)
   }
   const given = store as Record<string, unknown>
   for (const key of Object.keys(given)) {
