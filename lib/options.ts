@@ -375,7 +375,7 @@ function checkPool (where: string, value: Record<string, unknown>, warnings: str
       fail(where, 'adaptive.initialConcurrency', `<= maxConcurrency (${pool.maxConcurrency}), the ceiling of the limit`, initial)
     }
   }
-  if (value.store !== undefined) pool.store = checkStore(where, value.store)
+  if (value.store !== undefined) pool.store = checkStore(where, value.store, warnings)
   return pool
 }
 

@@ -558,7 +558,7 @@ t.test('several permits freed at once are shared out by turns, whichever instanc
     await redis.zadd(key, Date.now() + 60_000, 'x1', Date.now() + 60_000, 'x2', Date.now() + 60_000, 'x3', Date.now() + 60_000, 'x4')
     const instances = [0, 1].map(() => {
       const admitted = { count: 0 }
-      const store = checkStore('', { redis: server.client(t) })
+      const store = checkStore('', { redis: server.client(t) }, [])
       const limiter = new Limiter('p', { maxConcurrency: 4, maxQueue: 10, queueTimeout: 60_000, store }, undefined, (l) => new RedisPermits(l, store))
       t.teardown(() => { limiter.close() })
       return { admitted, limiter }

@@ -79,7 +79,7 @@ class TestWaiter implements Waiter {
 
 function setup (store: Partial<StoreSettings> = {}, pool = { maxConcurrency: 2, maxQueue: 5, queueTimeout: 60_000 }) {
   const redis = new FakeRedis()
-  const settings = { ...checkStore('', { redis }), ...store }
+  const settings = { ...checkStore('', { redis }, []), ...store }
   let permits: RedisPermits | null = null
   const limiter = new Limiter('p', { ...pool, store: settings }, undefined, (l) => (permits = new RedisPermits(l, settings)))
   return { redis, limiter, permits: permits as unknown as RedisPermits }
@@ -403,9 +403,34 @@ t.test('store options are checked', async (t) => {
   circular.self = circular
   t.match(await register({ store: { redis, timeout: circular } }), { message: /store.timeout must be .*received \[object Object\]$/ })
   t.match(await register({ store: { redis, nameSpace: () => 'x' } }), { message: /store.nameSpace must be a string, received a function$/ })
-  t.match(checkStore('', { redis, onStoreError: 'local', instances: 4, nameSpace: 'a:', leaseMs: 1000, timeout: 50 }),
+  t.match(checkStore('', { redis, onStoreError: 'local', instances: 4, nameSpace: 'a:', leaseMs: 1000, timeout: 50 }, []),
     { onStoreError: 'local', instances: 4, nameSpace: 'a:', leaseMs: 1000, timeout: 50 })
   t.equal(new StoreUnavailableError().statusCode, 503)
+})
+
+t.test('a store timeout that may outlast the leases it renews is warned of, once, at registration', async (t) => {
+  const redis = new FakeRedis()
+  const warned = (store: Record<string, unknown>): string[] => {
+    const warnings: string[] = []
+    checkStore('groups.g.', { redis, ...store }, warnings)
+    return warnings
+  }
+  t.same(warned({ leaseMs: 600 }), ['groups.g.store.timeout is 500 ms (the default), more than two thirds of leaseMs (600 ms): ' +
+    'a slow renewal can outlast the leases it renews, and other instances then take permits whose requests still run; ' +
+    'keep timeout at or under 400 ms'])
+  t.match(warned({ leaseMs: 300, timeout: 5000 }), [/^groups.g.store.timeout is 5000 ms, more than two thirds of leaseMs \(300 ms\).* at or under 200 ms$/])
+  t.same(warned({ leaseMs: 750 }), [], 'the default timeout, two thirds of the lease')
+  t.same(warned({ leaseMs: 300, timeout: 200 }), [])
+  t.same(warned({}), [], 'the defaults')
+
+  const lines: string[] = []
+  const app = Fastify({ logger: { level: 'warn', stream: { write: (line: string) => { lines.push(JSON.parse(line).msg) } } } })
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, { store: { redis, leaseMs: 400 } })
+  app.get('/', { config: { concurrencyLimit: { maxConcurrency: 1, store: { redis, leaseMs: 300, timeout: 250 } } } }, async () => 'x')
+  await app.ready()
+  t.equal(lines.length, 2, 'one line each, none for the HEAD route that shares the config')
+  t.match(lines, [/^store.timeout is 500 ms \(the default\)/, /^route GET \/: config.concurrencyLimit.store.timeout is 250 ms/])
 })
 
 t.test('a local pool has no store and pays nothing for it', async (t) => {

@@ -43,7 +43,11 @@ export interface StoreOptions {
   instances?: number
   /** Prefix of the pool's Redis key and channel. Default 'fastify-concurrency-limit:'. */
   nameSpace?: string
-  /** Milliseconds each Redis call may take before it counts as failed. Integer >= 1. Default 500. */
+  /**
+   * Milliseconds each Redis call may take before it counts as failed.
+   * Integer >= 1. Default 500. More than two thirds of leaseMs is warned of:
+   * a renewal could outlast the leases it renews.
+   */
   timeout?: number
 }
 
@@ -74,8 +78,11 @@ function isClient (value: unknown): value is RedisClient {
   return typeof client.evalsha === 'function' && typeof client.eval === 'function' && typeof client.duplicate === 'function'
 }
 
-/** Checks a pool's `store` option; `where` names the pool as the other messages do. */
-export function checkStore (where: string, store: unknown): StoreSettings {
+/**
+ * Checks a pool's `store` option; `where` names the pool as the other
+ * messages do. What is valid but likely a mistake goes into `warnings`.
+ */
+export function checkStore (where: string, store: unknown, warnings: string[]): StoreSettings {
   if (store === null || typeof store !== 'object' || Array.isArray(store)) {
     throw new InvalidOptionError(`${where}store must be an object such as { redis }, received ${showValue(store)}`)
   }
@@ -106,7 +113,7 @@ export function checkStore (where: string, store: unknown): StoreSettings {
   if (timeout !== undefined && !(Number.isInteger(timeout) && (timeout as number) >= 1 && (timeout as number) <= MAX_TIMEOUT)) {
     invalid(where, 'timeout', `an integer number of milliseconds from 1 to ${MAX_TIMEOUT}`, timeout)
   }
-  return {
+  const settings: StoreSettings = {
     redis,
     leaseMs: (leaseMs as number | undefined) ?? DEFAULT_LEASE_MS,
     onStoreError: mode,
@@ -114,6 +121,16 @@ export function checkStore (where: string, store: unknown): StoreSettings {
     nameSpace: (nameSpace as string | undefined) ?? DEFAULT_NAMESPACE,
     timeout: (timeout as number | undefined) ?? DEFAULT_STORE_TIMEOUT
   }
+  // Leases are renewed every leaseMs / 3: a renewal that may take longer
+  // than the rest of its leases' life can be waiting still when they expire,
+  // unseen, and other instances then take permits whose requests still run.
+  const longest = Math.floor(settings.leaseMs * 2 / 3)
+  if (settings.timeout > longest) {
+    warnings.push(`${where}store.timeout is ${settings.timeout} ms${timeout === undefined ? ' (the default)' : ''}, ` +
+      `more than two thirds of leaseMs (${settings.leaseMs} ms): a slow renewal can outlast the leases it renews, ` +
+      `and other instances then take permits whose requests still run; keep timeout at or under ${longest} ms`)
+  }
+  return settings
 }
 
 export function sameStore (a: StoreSettings | null, b: StoreSettings | null): boolean {
