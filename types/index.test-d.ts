@@ -2,6 +2,7 @@ import Fastify, { type FastifyRequest } from 'fastify'
 import { expectAssignable, expectError, expectType } from 'tsd'
 import concurrencyLimit, {
   fastifyConcurrencyLimit,
+  InvalidOptionError,
   OverloadedError,
   QueueFullError,
   type ConcurrencyLimitOptions,
@@ -110,4 +111,7 @@ expectType<ConnectionStats | null>(app.concurrencyLimit.connections())
 // Errors carry their codes.
 expectType<'FST_CONCURRENCY_LIMIT_QUEUE_FULL'>(new QueueFullError().code)
 expectType<'FST_CONCURRENCY_LIMIT_OVERLOADED'>(new OverloadedError().code)
+expectType<503>(new QueueFullError().statusCode)
+expectType<'FST_CONCURRENCY_LIMIT_INVALID_OPTION'>(new InvalidOptionError('message').code)
+expectError(new InvalidOptionError())
 expectAssignable<ConcurrencyLimitOptions>({})
