@@ -270,7 +270,12 @@ t.test('flags', async (t) => {
     [['--step-seconds', '5', '--max-seconds', '4', 'http://127.0.0.1/'], /--max-seconds \(4\) must be at least --step-seconds \(5\)/],
     [['--max-requests', '0', 'http://127.0.0.1/'], /--max-requests must be an integer >= 1, received "0"/],
     [['--timeout', '0', 'http://127.0.0.1/'], /--timeout must be an integer from 1 to 2147483647, received "0"/],
-    [['--max-wait', '-1', 'http://127.0.0.1/'], /Option '--max-wait' argument is ambiguous/],
+    // A negative number is the flag's value, told as out of range, not an ambiguous flag.
+    [['--max-wait', '-1', 'http://127.0.0.1/'], /--max-wait must be a number >= 0, received "-1"/],
+    [['--max', '-5', 'http://127.0.0.1/'], /--max must be an integer from 1 to 10000, received "-5"/],
+    [['http://127.0.0.1/', '--step-seconds', '-.5'], /--step-seconds must be a number from 0\.1 to 3600, received "-\.5"/],
+    [['--timeout', '-1', '--max', '4', 'http://127.0.0.1/'], /--timeout must be an integer from 1 to 2147483647, received "-1"/],
+    [['--header', '-x', 'http://127.0.0.1/'], /Option '--header' argument is ambiguous/],
     [['--max-wait=-1', 'http://127.0.0.1/'], /--max-wait must be a number >= 0, received "-1"/]
   ]
   for (const [argv, message] of bad) await t.rejects(parseTuneArgs(argv), { name: 'Error', message }, argv.join(' '))

@@ -304,6 +304,24 @@ t.test('a first request that fails ends it before any load', async (t) => {
     t.equal(await main(['tune', url + 'slow', '--timeout', '50'], slow.io), EXIT.noRecommendation)
     t.match(slow.out.stdout, /failed: timeout/)
   })
+  t.test('no answer before --max-seconds', async (t) => {
+    const url = await plainServer(t, () => { /* never answers */ })
+    const { io, out } = capture()
+    const started = performance.now()
+    t.equal(await main(['tune', url, '--step-seconds', '0.2', '--max-seconds', '0.4'], io), EXIT.noRecommendation)
+    t.ok(performance.now() - started < 2000, 'it stops on time')
+    t.equal(out.stdout, `\nThe first request to GET ${url} got no answer within --max-seconds (0.4 s). Is the server answering? Nothing was swept.\n`)
+  })
+})
+
+t.test('bounds that leave no level after the first request say so', async (t) => {
+  const url = await plainServer(t, (req, res) => { res.end('ok') })
+  const requests = capture()
+  t.equal(await main(['tune', url, '--max-requests', '1'], requests.io), EXIT.noRecommendation)
+  t.equal(requests.out.stdout, '\n--max-requests (1) left no request for a level after the first. Nothing was swept.\n')
+  const time = capture()
+  t.equal(await main(['tune', url, '--step-seconds', '0.5', '--max-seconds', '0.5'], time.io), EXIT.noRecommendation)
+  t.equal(time.out.stdout, '\n--max-seconds (0.5 s) left no time for a level of --step-seconds (0.5 s) after the first request. Nothing was swept.\n')
 })
 
 t.test('request flags reach the server: method, headers, body, https with --ca', async (t) => {

@@ -127,11 +127,31 @@ async function read (flag: string, path: string): Promise<Buffer> {
   }
 }
 
+/**
+ * `--max -5` as `--max=-5`: parseArgs takes a value that starts with a dash
+ * for a flag and calls it ambiguous, where the number's own check says
+ * what is wrong with it.
+ */
+function joinNegatives (argv: string[]): string[] {
+  const args: string[] = []
+  for (let i = 0; i < argv.length; i++) {
+    const name = argv[i].startsWith('--') ? argv[i].slice(2) : ''
+    const next = argv[i + 1]
+    if (Object.hasOwn(FLAGS, name) && FLAGS[name as keyof typeof FLAGS].type === 'string' && next !== undefined && /^-\.?\d/.test(next)) {
+      args.push(`${argv[i]}=${next}`)
+      i++
+    } else {
+      args.push(argv[i])
+    }
+  }
+  return args
+}
+
 /** Parses the flags after `tune`; undefined for --help. */
 export async function parseTuneArgs (argv: string[]): Promise<TuneFlags | undefined> {
   let parsed
   try {
-    parsed = parseArgs({ args: argv, options: FLAGS, allowPositionals: true, strict: true })
+    parsed = parseArgs({ args: joinNegatives(argv), options: FLAGS, allowPositionals: true, strict: true })
   } catch (err) {
     throw new UsageError((err as Error).message)
   }

@@ -172,15 +172,24 @@ export function renderText (report: TuneReport): string {
   const okLabel = target.expectStatus === '2xx' ? '2xx' : 'ok'
   const otherLabel = target.expectStatus === '2xx' ? 'non-2xx' : 'other'
 
-  if (report.stoppedBy === 'preflight' || (report.stoppedBy === 'interrupted' && report.steps.length === 0)) {
+  if (report.steps.length === 0) {
+    const { bounds } = report
     if (preflight.error !== undefined) {
       line(`The first request to ${target.method} ${target.url} failed: ${preflight.error}. Is the server running there? Nothing was swept.`)
     } else if (preflight.status !== undefined && !preflight.ok) {
       line(`The first request to ${target.method} ${target.url} was answered ${preflight.status}, not ${target.expectStatus}. Nothing was swept.`)
       line('Check the URL, --method, --header and --body, or say which statuses are success with --expect-status.')
       if (preflight.body !== undefined && preflight.body !== '') line(`The answer began: ${preflight.body.replace(/\s+/g, ' ').trim()}`)
-    } else {
+    } else if (report.stoppedBy === 'interrupted') {
       line('Interrupted before any level was measured.')
+    } else if (!preflight.ok) {
+      // Cut by --max-seconds while the first request waited for its answer.
+      line(`The first request to ${target.method} ${target.url} got no answer within --max-seconds (${bounds.maxSeconds} s). ` +
+        'Is the server answering? Nothing was swept.')
+    } else if (report.stoppedBy === 'requests') {
+      line(`--max-requests (${bounds.maxRequests}) left no request for a level after the first. Nothing was swept.`)
+    } else {
+      line(`--max-seconds (${bounds.maxSeconds} s) left no time for a level of --step-seconds (${bounds.stepSeconds} s) after the first request. Nothing was swept.`)
     }
     return out.join('\n') + '\n'
   }
