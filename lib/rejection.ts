@@ -125,8 +125,10 @@ export class Rejecter {
 }
 
 // Fastify's error handler keeps a status already set (the refusal's) for an
-// error that carries none: a broken builder is the server's fault, a 500.
+// error that carries none: a broken builder is the server's fault, a 500,
+// and the refusal's Retry-After is no promise of that answer.
 function builderFailed (reply: FastifyReply, err: unknown): void {
+  reply.removeHeader('retry-after')
   reply.code(500).send(err)
 }
 

@@ -95,6 +95,7 @@ t.test('an errorResponseBuilder that throws answers 500', async (t) => {
   })
   const answer = await get(pool, '/hold')
   t.equal(answer.statusCode, 500)
+  t.equal(answer.headers['retry-after'], undefined, 'no Retry-After on a 500')
 })
 
 t.test('an async errorResponseBuilder: its value is sent, with status and Retry-After', async (t) => {
@@ -119,6 +120,7 @@ t.test('an async errorResponseBuilder that rejects answers 500 through the error
   const answer = await get(pool, '/hold')
   t.equal(answer.statusCode, 500)
   t.match(JSON.parse(answer.body), { statusCode: 500, message: 'builder failed' })
+  t.equal(answer.headers['retry-after'], undefined, 'no Retry-After on a 500')
   t.equal(app.concurrencyLimit.stats().inFlight, 1, 'the refused request took no slot')
 })
 
