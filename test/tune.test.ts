@@ -315,7 +315,7 @@ t.test('a first request that fails ends it before any load', async (t) => {
 })
 
 t.test('bounds that leave no level after the first request say so', async (t) => {
-  const url = await plainServer(t, (req, res) => { res.end('ok') })
+  const url = await plainServer(t, (_req, res) => { res.end('ok') })
   const requests = capture()
   t.equal(await main(['tune', url, '--max-requests', '1'], requests.io), EXIT.noRecommendation)
   t.equal(requests.out.stdout, '\n--max-requests (1) left no request for a level after the first. Nothing was swept.\n')
