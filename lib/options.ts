@@ -388,6 +388,12 @@ function checkPriority (where: string, priority: unknown): PriorityOption | unde
 /** What a `priority` function returned, checked: a wrong value is the application's bug, told as such. */
 export function checkPriorityResult (value: unknown): Priority {
   if (typeof value === 'string' && PRIORITIES.includes(value)) return value as Priority
+  if (value !== null && typeof value === 'object' && typeof (value as PromiseLike<unknown>).then === 'function') {
+    // An async function, from JavaScript. Its rejection would go unhandled,
+    // and end the process, if no one listened.
+    (value as PromiseLike<unknown>).then(undefined, () => {})
+    throw new InvalidOptionError('priority() must return \'critical\', \'normal\' or \'sheddable\' synchronously, returned a promise (an async function cannot set a priority)')
+  }
   throw new InvalidOptionError(`priority() must return 'critical', 'normal' or 'sheddable', returned ${showValue(value)}`)
 }
 

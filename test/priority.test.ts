@@ -176,6 +176,8 @@ t.test('a priority function picks the class per request; a wrong answer is a 500
       if (header === 'throw') throw new Error('no user')
       // eslint-disable-next-line no-throw-literal
       if (header === 'throw-string') throw 'no user'
+      if (header === 'async') return Promise.resolve('critical') as never
+      if (header === 'async-throw') return Promise.reject(new Error('lookup failed')) as never
       seen.push(String(header))
       return (header ?? 'normal') as 'normal'
     }
@@ -191,6 +193,19 @@ t.test('a priority function picks the class per request; a wrong answer is a 500
   const thrownString = await app.inject({ url: '/', headers: { 'x-priority': 'throw-string' } })
   t.equal(thrownString.statusCode, 500)
   t.match(thrownString.json(), { message: 'no user' })
+  // From JavaScript, an async function: its promise is refused, and its
+  // rejection, handled here, does not end the process.
+  const unhandled: unknown[] = []
+  const onUnhandled = (reason: unknown): void => { unhandled.push(reason) }
+  process.on('unhandledRejection', onUnhandled)
+  t.teardown(() => { process.off('unhandledRejection', onUnhandled) })
+  for (const header of ['async', 'async-throw']) {
+    const promised = await app.inject({ url: '/', headers: { 'x-priority': header } })
+    t.equal(promised.statusCode, 500, header)
+    t.match(promised.json(), { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /synchronously, returned a promise/ }, header)
+  }
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  t.same(unhandled, [], 'no unhandled rejection')
   const { priority, admitted, inFlight } = app.concurrencyLimit.stats()
   t.same(priority.critical, { admitted: 1, rejected: 0 })
   t.same(priority.normal, { admitted: 1, rejected: 0 })
