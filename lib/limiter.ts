@@ -85,11 +85,13 @@ export interface LimiterSettings {
 
 /** How a permit ended, as the caller of `release` saw it. */
 export const SUCCESS = 0
-/** Says nothing of the work's latency (the client left, an error): not a sample. */
+/** Says nothing of the work's latency (an error): not a sample. */
 export const IGNORE = 1
 /** The work behind the pool is overloaded. */
 export const DROP = 2
-export type Outcome = typeof SUCCESS | typeof IGNORE | typeof DROP
+/** The client left before its answer: the limit judges (see `Limit.onClientLeft`). */
+export const LEFT = 3
+export type Outcome = typeof SUCCESS | typeof IGNORE | typeof DROP | typeof LEFT
 
 export interface LimiterStats {
   name: string
@@ -341,7 +343,7 @@ export class Limiter {
   release (admittedAt = 0, outcome: Outcome = SUCCESS): void {
     this.#completed++
     this.#countCompletion()
-    if (this.adaptive && outcome !== IGNORE) this.#sample(admittedAt, outcome === DROP)
+    if (this.adaptive && outcome !== IGNORE) this.#sample(admittedAt, outcome)
     if (this.#source !== null) {
       this.inFlight--
       this.#source.released()
@@ -354,10 +356,11 @@ export class Limiter {
     process.nextTick(this.#handOff)
   }
 
-  #sample (admittedAt: number, didDrop: boolean): void {
+  #sample (admittedAt: number, outcome: Outcome): void {
     const now = performance.now()
     const limit = this.#limit
-    limit.onSample(admittedAt, now - admittedAt, this.inFlight, didDrop)
+    if (outcome === LEFT) limit.onClientLeft(admittedAt, now - admittedAt, this.inFlight)
+    else limit.onSample(admittedAt, now - admittedAt, this.inFlight, outcome === DROP)
     this.limit = limit.limit
     if (this.#queueFollowsLimit) this.maxQueue = this.limit
   }

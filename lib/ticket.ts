@@ -4,7 +4,7 @@ import type { Socket } from 'node:net'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { performance } from 'node:perf_hooks'
 import type { Reporter, RequestConcurrencyLimit } from './diagnostics.js'
-import { IGNORE, SUCCESS, type Level, type Limiter, type Outcome, type RejectReason, type Waiter } from './limiter.js'
+import { IGNORE, LEFT, SUCCESS, type Level, type Limiter, type Outcome, type RejectReason, type Waiter } from './limiter.js'
 import type { Rejecter } from './rejection.js'
 
 const QUEUED = 0
@@ -294,17 +294,20 @@ export class Ticket implements Waiter {
 
 /**
  * What a released request tells an adaptive limit. Only a response sent in
- * full with a status below 400 is a latency sample. A request whose client
- * left is not: it holds its slot until its handler settles, but it ended
- * without an answer, and counting it would make an overload that drives
- * clients away look fast. Nor is an error: an error answered at once is
- * fast for reasons that say nothing of the work's capacity (a bug, a
- * validation failure), and taking every 5xx as overload would let one
- * failing route cut the limit of its pool to the minimum.
+ * full with a status below 400 is a latency sample. An error is not: an
+ * error answered at once is fast for reasons that say nothing of the work's
+ * capacity (a bug, a validation failure), and taking every 5xx as overload
+ * would let one failing route cut the limit of its pool to the minimum.
+ * Nor is a request whose client left: it holds its slot until its handler
+ * settles, but its time would make an overload that drives clients away
+ * look fast (a handler that stops when its client leaves ends early). The
+ * limit hears of it apart (`Limit.onClientLeft`). A reply the route
+ * hijacked and never ended says nothing either way.
  */
 function outcomeOf (reply: FastifyReply): Outcome {
   const res = reply.raw as ServerResponse
-  return res.writableFinished && res.statusCode < 400 ? SUCCESS : IGNORE
+  if (res.writableFinished) return res.statusCode < 400 ? SUCCESS : IGNORE
+  return reply.sent && !res.writableEnded ? IGNORE : LEFT
 }
 
 function onSocketClose (this: TrackedSocket): void {

@@ -123,7 +123,10 @@ function simulate (options: SimOptions) {
     inFlight++
     const admittedAt = now
     callDownstream(() => {
-      limit.onSample(admittedAt, now - admittedAt, inFlight, false)
+      // A client that timed out left; the work, as a handler that does not
+      // watch request.signal, ran on, and its slot came back only now.
+      if (now - arrivedAt > clientTimeout) limit.onClientLeft(admittedAt, now - admittedAt, inFlight)
+      else limit.onSample(admittedAt, now - admittedAt, inFlight, false)
       done.push({ arrivedAt, finishedAt: now, admittedAt })
       inFlight--
       while (queueHead < queue.length && inFlight < limit.limit) {
@@ -275,4 +278,18 @@ t.test('a service that gets slower for good: the baseline follows, the limit kee
   const w = sim.window(30_000, 40_000)
   t.ok((sim.limit.state().baselineMs as number) >= 90, `baseline ${sim.limit.state().baselineMs}`)
   t.ok(w.goodputPerS >= 0.9 * capacity(20, 100), `goodput ${w.goodputPerS}/s of ${capacity(20, 100)}`)
+})
+
+t.test('a downstream that gets slower than the clients wait: the limit still comes down', async (t) => {
+  // 20 calls of 50 ms (400/s), then 2 of 200 ms (10/s), at 60/s. With the
+  // limit at ~25, each admitted request waits 2.5 s in the downstream, past
+  // the clients' 1 s: none of them is a sample, and the limit learns of the
+  // change only from the clients who gave up on it.
+  const sim = simulate({
+    phases: [{ untilMs: 4000, rate: 60, n: 20 }, { untilMs: 20_000, rate: 60, n: 2, serviceMs: 200 }],
+    adaptive: { minConcurrency: 3, initialConcurrency: 25 }
+  })
+  const late = sim.window(10_000, 20_000)
+  t.ok(late.maxLimit <= 6, `limit ${late.minLimit}..${late.maxLimit} near the knee (2)`)
+  t.ok(late.goodputPerS >= 0.8 * capacity(2, 200), `goodput ${late.goodputPerS}/s of ${capacity(2, 200)}`)
 })

@@ -48,6 +48,23 @@ t.test('gradient: no state before the first window; a drop cuts the limit by a t
   t.same(limit.state(), { baselineMs: null, recentMs: null }, 'a drop is no latency sample')
 })
 
+t.test('gradient: a client that left work slower than the target is a drop; sooner, or before a baseline, nothing', async (t) => {
+  const limit = gradient({ initialConcurrency: 50 })
+  limit.onClientLeft(0, 1000, 50)
+  limit.onClientLeft(0, 2000, 50)
+  t.equal(limit.limit, 50, 'no baseline yet: no target to be slower than')
+  for (let i = 0; i < 10; i++) limit.onSample(100 + 2 * i, 40, 2, false)
+  t.equal(limit.state().baselineMs, 40)
+  t.equal(limit.limit, 50)
+  // The target: 40 x 1.25 + 1 = 51 ms.
+  limit.onClientLeft(300, 51, 50)
+  limit.onClientLeft(400, 51, 50)
+  t.equal(limit.limit, 50, 'within the target: the client left for reasons of its own')
+  limit.onClientLeft(500, 52, 50)
+  t.equal(limit.limit, 45, 'past the target: a drop, a tenth off')
+  t.equal(limit.state().baselineMs, 40, 'and no latency sample')
+})
+
 t.test('gradient: a window of requests admitted under an older limit says nothing', async (t) => {
   const limit = gradient({ initialConcurrency: 50 })
   for (let i = 0; i < 10; i++) limit.onSample(i, 60, 50, false)
@@ -299,6 +316,45 @@ t.test('plugin: an error about a pool\'s adaptive settings names the pool', asyn
   t.teardown(() => groupApp.close())
   await t.rejects(async () => { await groupApp.register(concurrencyLimit, { adaptive: { minConcurrency: 50 }, groups: { small: { maxConcurrency: 10 } } }) },
     { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /group "small": adaptive\.minConcurrency must be <= maxConcurrency \(10\)/ })
+})
+
+t.test('plugin: clients that leave work slower than the target bring the limit down; a hijacked reply says nothing', async (t) => {
+  const app = Fastify({ forceCloseConnections: true })
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, { adaptive: { initialConcurrency: 8, tolerance: 1 }, maxConcurrency: 50 })
+  let slowMs = 10
+  app.get('/work', async () => { await sleep(slowMs); return 'ok' })
+  app.get('/hijack', (_request, reply) => {
+    reply.hijack()
+    reply.raw.writeHead(200, { 'content-type': 'text/event-stream' })
+    reply.raw.write('data: 1\n\n')
+  })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const round = async (path: string, abortAfter?: number): Promise<void> => {
+    await Promise.all(Array.from({ length: 8 }, () => get(port, path, abortAfter)))
+  }
+  const started = performance.now()
+  while (app.concurrencyLimit.stats().adaptive?.baselineMs == null && performance.now() - started < 5000) await round('/work')
+  const baseline = app.concurrencyLimit.stats().adaptive?.baselineMs as number
+  t.ok(baseline >= 10, `a baseline: ${baseline} ms`)
+  const limit = app.concurrencyLimit.stats().limit
+
+  // Streams the clients end after 300 ms: never answered in full, but not
+  // work left unfinished either.
+  for (let i = 0; i < 3; i++) await round('/hijack', 300)
+  await sleep(50)
+  t.equal(app.concurrencyLimit.stats().limit, limit, 'hijacked replies left the limit alone')
+
+  // The work gets slower than the clients wait: none of it is answered,
+  // none is a sample, and each round of clients giving up takes a tenth off.
+  slowMs = 400
+  for (let i = 0; i < 4; i++) await round('/work', 100)
+  await sleep(400)
+  const after = app.concurrencyLimit.stats()
+  t.equal(after.inFlight, 0)
+  t.ok(after.limit < limit, `the limit came down: ${limit} -> ${after.limit}`)
+  t.equal(after.adaptive?.baselineMs, baseline, 'with no latency sample taken from them')
 })
 
 t.test('plugin: requests whose client left, and errors, are not fast successes', async (t) => {

@@ -11,6 +11,8 @@ export class FixedLimit implements Limit {
 
   onSample (): void {}
 
+  onClientLeft (): void {}
+
   state (): AdaptiveState | null {
     return null
   }

@@ -113,9 +113,24 @@ export class GradientLimit implements Limit {
       this.#sum += rttMs
     }
     if (this.#count < WINDOW_SAMPLES && !this.#dropped) return
-    const windowMs = Math.max(WINDOW_MIN_MS, 2 * this.#baseline, 2 * this.#recent)
+    // A window with a drop is over sooner: the latency it would wait two
+    // of is the overload's, and clients give up on the work meanwhile.
+    const windowMs = Math.max(WINDOW_MIN_MS, 2 * this.#baseline, this.#dropped ? 0 : 2 * this.#recent)
     if (now - this.#windowStart < windowMs) return
     this.#close(now)
+  }
+
+  /**
+   * A client that gave up on work already slower than the target saw the
+   * overload the limit is there to prevent: a drop. When every admitted
+   * request outlives its client (a downstream that got slower than the
+   * clients' timeout), no sample comes at all, and a limit that only heard
+   * samples would stay where it was, letting in work no one waits for.
+   * Sooner than the target, the client left for reasons of its own.
+   */
+  onClientLeft (startMs: number, rttMs: number, inFlight: number): void {
+    if (this.#baseline < 0 || rttMs <= this.#baseline * (1 + this.#tolerance) + SLACK_MS) return
+    this.onSample(startMs, rttMs, inFlight, true)
   }
 
   #close (now: number): void {

@@ -5,9 +5,10 @@
  * normally to `onSample`; the limit decides what the sample means.
  *
  * Shaped like Netflix concurrency-limits' `Limit`. Requests whose outcome says
- * nothing about the work's latency (the client left, the response is an error)
- * are not reported (Netflix's `onIgnore`); `didDrop` is for outcomes that mean
- * the work behind the pool is overloaded (Netflix's `onDropped`).
+ * nothing about the work's latency (the response is an error) are not
+ * reported (Netflix's `onIgnore`); `didDrop` is for outcomes that mean the
+ * work behind the pool is overloaded (Netflix's `onDropped`). A request whose
+ * client left is reported apart, for the limit to judge.
  */
 export interface Limit {
   /** Requests admitted at once now: an integer >= 1. */
@@ -22,6 +23,12 @@ export interface Limit {
    * @param didDrop the outcome says the work behind the pool is overloaded
    */
   onSample (startMs: number, rttMs: number, inFlight: number, didDrop: boolean): void
+  /**
+   * One admitted request has completed after its client left: its time is
+   * no sample (a handler that stops when its client leaves ends early), but
+   * a client gave up on it. Parameters as for `onSample`.
+   */
+  onClientLeft (startMs: number, rttMs: number, inFlight: number): void
   /** What the algorithm knows, for stats; null for a fixed limit. */
   state (): AdaptiveState | null
 }
