@@ -85,9 +85,9 @@ export interface LimiterSettings {
 
 /** How a permit ended, as the caller of `release` saw it. */
 export const SUCCESS = 0
-/** Says nothing of the work's latency (an error): not a sample. */
+/** Says nothing of the work's latency (an error, an answer its client abandoned, a hijacked reply): not a sample. */
 export const IGNORE = 1
-/** The work behind the pool is overloaded. */
+/** The work behind the pool is overloaded (Netflix's `onDropped`; no caller reports it yet). */
 export const DROP = 2
 /** The client left before its answer: the limit judges (see `Limit.onClientLeft`). */
 export const LEFT = 3

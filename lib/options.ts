@@ -391,7 +391,7 @@ export function checkPriorityResult (value: unknown): Priority {
   if (value !== null && typeof value === 'object' && typeof (value as PromiseLike<unknown>).then === 'function') {
     // An async function, from JavaScript. Its rejection would go unhandled,
     // and end the process, if no one listened.
-    (value as PromiseLike<unknown>).then(undefined, () => {})
+    Promise.resolve(value).catch(() => {})
     throw new InvalidOptionError('priority() must return \'critical\', \'normal\' or \'sheddable\' synchronously, returned a promise (an async function cannot set a priority)')
   }
   throw new InvalidOptionError(`priority() must return 'critical', 'normal' or 'sheddable', returned ${showValue(value)}`)

@@ -115,6 +115,11 @@ export class Ticket implements Waiter {
 
   state = RELEASED
   responseClosed = false
+  /**
+   * When the request ended, its answer had begun (headers out) or the route
+   * had hijacked the reply: if its client left, it did not leave the work.
+   */
+  answered = false
   handlerPending = false
 
   readonly admission: Admission
@@ -263,6 +268,7 @@ export class Ticket implements Waiter {
   responseClose (): void {
     if (this.responseClosed) return
     this.responseClosed = true
+    this.answered = (this.reply.raw as ServerResponse).headersSent || this.reply.sent
     this.#untrack()
     if (this.state === WAITING_TURN) {
       this.state = RELEASED
@@ -282,7 +288,7 @@ export class Ticket implements Waiter {
     this.state = RELEASED
     const limiter = this.admission.limiter
     this.admission.reporter.released(this.request, limiter.name)
-    if (limiter.adaptive) limiter.release(this.admittedAt, outcomeOf(this.reply))
+    if (limiter.adaptive) limiter.release(this.admittedAt, outcomeOf(this.reply, this.answered))
     else limiter.release()
   }
 
@@ -298,16 +304,18 @@ export class Ticket implements Waiter {
  * error answered at once is fast for reasons that say nothing of the work's
  * capacity (a bug, a validation failure), and taking every 5xx as overload
  * would let one failing route cut the limit of its pool to the minimum.
- * Nor is a request whose client left: it holds its slot until its handler
- * settles, but its time would make an overload that drives clients away
- * look fast (a handler that stops when its client leaves ends early). The
- * limit hears of it apart (`Limit.onClientLeft`). A reply the route
- * hijacked and never ended says nothing either way.
+ * Nor is a request whose client left before its answer: it holds its slot
+ * until its handler settles, but its time would make an overload that
+ * drives clients away look fast (a handler that stops when its client
+ * leaves ends early); the limit hears of it apart (`Limit.onClientLeft`).
+ * A response already on its way when its client left (a download
+ * abandoned) timed the client's bandwidth, and a reply the route hijacked
+ * and never ended says nothing of the work: neither is anything.
  */
-function outcomeOf (reply: FastifyReply): Outcome {
+function outcomeOf (reply: FastifyReply, answered: boolean): Outcome {
   const res = reply.raw as ServerResponse
   if (res.writableFinished) return res.statusCode < 400 ? SUCCESS : IGNORE
-  return reply.sent && !res.writableEnded ? IGNORE : LEFT
+  return answered ? IGNORE : LEFT
 }
 
 function onSocketClose (this: TrackedSocket): void {

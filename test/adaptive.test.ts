@@ -3,6 +3,7 @@ import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify from 'fastify'
 import { request as httpRequest } from 'node:http'
+import { Readable } from 'node:stream'
 import concurrencyLimit from '../lib/index.js'
 import { DROP, IGNORE, Limiter, NORMAL, SUCCESS, type RejectReason, type Waiter } from '../lib/limiter.js'
 import { FixedLimit } from '../lib/limits/fixed.js'
@@ -33,6 +34,7 @@ const gradient = (over: object = {}) => new GradientLimit({ ...DEFAULT_ADAPTIVE,
 t.test('a fixed limit never moves and has no state', async (t) => {
   const fixed = new FixedLimit(7)
   fixed.onSample()
+  fixed.onClientLeft()
   t.equal(fixed.limit, 7)
   t.equal(fixed.adaptive, false)
   t.equal(fixed.state(), null)
@@ -48,21 +50,70 @@ t.test('gradient: no state before the first window; a drop cuts the limit by a t
   t.same(limit.state(), { baselineMs: null, recentMs: null }, 'a drop is no latency sample')
 })
 
-t.test('gradient: a client that left work slower than the target is a drop; sooner, or before a baseline, nothing', async (t) => {
+t.test('gradient: clients gone on work slower than the target cut the limit when they outnumber the samples', async (t) => {
   const limit = gradient({ initialConcurrency: 50 })
-  limit.onClientLeft(0, 1000, 50)
-  limit.onClientLeft(0, 2000, 50)
+  for (let i = 0; i < 12; i++) limit.onClientLeft(i, 2000, 2)
   t.equal(limit.limit, 50, 'no baseline yet: no target to be slower than')
-  for (let i = 0; i < 10; i++) limit.onSample(100 + 2 * i, 40, 2, false)
-  t.equal(limit.state().baselineMs, 40)
+  for (let i = 0; i < 10; i++) limit.onSample(3000 + 2 * i, 40, 2, false)
+  t.same(limit.state(), { baselineMs: 40, recentMs: 40 })
   t.equal(limit.limit, 50)
-  // The target: 40 x 1.25 + 1 = 51 ms.
-  limit.onClientLeft(300, 51, 50)
-  limit.onClientLeft(400, 51, 50)
-  t.equal(limit.limit, 50, 'within the target: the client left for reasons of its own')
-  limit.onClientLeft(500, 52, 50)
-  t.equal(limit.limit, 45, 'past the target: a drop, a tenth off')
-  t.equal(limit.state().baselineMs, 40, 'and no latency sample')
+  // The target: 40 x 1.25 + 1 = 51 ms. Within it, a client left for reasons of its own.
+  for (let i = 0; i < 12; i++) limit.onClientLeft(3100 + i, 51, 50)
+  t.equal(limit.limit, 50, 'within the target: nothing')
+  // Past it: a window of them cuts by target / their mean time, to a fifth at most.
+  for (let i = 0; i < 10; i++) limit.onClientLeft(3200 + 10 * i, 102, 50)
+  t.equal(limit.limit, 25, '51 / 102: halved')
+  t.same(limit.state(), { baselineMs: 40, recentMs: 40 }, 'and no latency sample')
+  for (let i = 0; i < 10; i++) limit.onClientLeft(3400 + 10 * i, 5000, 25)
+  t.equal(limit.limit, 5, 'a fifth at most per window')
+})
+
+t.test('gradient: a few clients gone among the samples, or in a quiet pool, or admitted under an older limit, cut nothing', async (t) => {
+  const withBaseline = () => {
+    const limit = gradient({ initialConcurrency: 50 })
+    for (let i = 0; i < 10; i++) limit.onSample(2 * i, 40, 2, false)
+    t.same([limit.limit, limit.state().baselineMs], [50, 40])
+    return limit
+  }
+  // One slow request in ten whose client left, on a pool at its limit: the
+  // samples, at the baseline, say the work is fine.
+  const busy = withBaseline()
+  for (let round = 0; round < 20; round++) {
+    const now = 100 + 100 * round
+    for (let i = 0; i < 9; i++) busy.onSample(now + i, 40, busy.limit, false)
+    busy.onClientLeft(now + 9, 300, busy.limit)
+  }
+  t.ok(busy.limit >= 50, `outnumbered by samples: ${busy.limit}`)
+
+  // A quiet pool: clients gone on slow work, never half the limit in flight.
+  const quiet = withBaseline()
+  for (let i = 0; i < 30; i++) quiet.onClientLeft(100 + 10 * i, 500, 3)
+  t.equal(quiet.limit, 50, 'the limit did not make that work slow')
+
+  // Clients gone on work admitted before the limit last moved (at 1,509
+  // ms): one cut, not one per window.
+  const older = withBaseline()
+  for (let i = 0; i < 10; i++) older.onClientLeft(1000 + i, 500, 50)
+  t.equal(older.limit, 10, 'one cut: 51 / 500, to a fifth at most')
+  for (let i = 0; i < 40; i++) older.onClientLeft(1010 + 10 * i, 1000, 50)
+  t.equal(older.limit, 10, 'admitted before that cut: no second one')
+  for (let i = 0; i < 10; i++) older.onClientLeft(1600 + i, 102, 10)
+  t.equal(older.limit, 5, 'admitted after it: the next cut')
+})
+
+t.test('gradient: clients gone during a measure of the baseline end it with a cut', async (t) => {
+  const limit = gradient({ initialConcurrency: 20, baselineInterval: 1 })
+  for (let i = 0; i < 10; i++) limit.onSample(i, 50, 20, false)
+  for (let i = 0; i < 10; i++) limit.onSample(110 + i, 58, 25, false)
+  const measuring = limit.limit
+  t.equal(measuring, 19, 'lowered to measure')
+  // No sample to end the measure: every client leaves. The target: 50 x 1.25 + 1 = 63.5 ms.
+  for (let i = 0; i < 10; i++) limit.onClientLeft(300 + 10 * i, 127, measuring)
+  t.equal(limit.limit, 9, 'halved from 19, not back to 25')
+  t.equal(limit.state().baselineMs, 50, 'the baseline stands')
+  // The measure is over: a window of samples at the baseline lets the limit grow again.
+  for (let i = 0; i < 10; i++) limit.onSample(1000 + 10 * i, 50, 9, false)
+  t.ok(limit.limit > 9, `and grows from there: ${limit.limit}`)
 })
 
 t.test('gradient: a window of requests admitted under an older limit says nothing', async (t) => {
@@ -318,7 +369,7 @@ t.test('plugin: an error about a pool\'s adaptive settings names the pool', asyn
     { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /group "small": adaptive\.minConcurrency must be <= maxConcurrency \(10\)/ })
 })
 
-t.test('plugin: clients that leave work slower than the target bring the limit down; a hijacked reply says nothing', async (t) => {
+t.test('plugin: clients that leave work slower than the target bring the limit down; a hijacked reply or an abandoned download says nothing', async (t) => {
   const app = Fastify({ forceCloseConnections: true })
   t.teardown(() => app.close())
   await app.register(concurrencyLimit, { adaptive: { initialConcurrency: 8, tolerance: 1 }, maxConcurrency: 50 })
@@ -329,10 +380,23 @@ t.test('plugin: clients that leave work slower than the target bring the limit d
     reply.raw.writeHead(200, { 'content-type': 'text/event-stream' })
     reply.raw.write('data: 1\n\n')
   })
+  // A download that takes a second: its client's bandwidth, not the work's latency.
+  app.get('/download', async () => Readable.from((async function * () {
+    for (let i = 0; i < 20; i++) {
+      await sleep(50)
+      yield 'x'.repeat(1024)
+    }
+  })()))
   await app.listen({ port: 0, host: '127.0.0.1' })
   const port = (app.server.address() as { port: number }).port
   const round = async (path: string, abortAfter?: number): Promise<void> => {
     await Promise.all(Array.from({ length: 8 }, () => get(port, path, abortAfter)))
+  }
+  // Handlers run on after their clients leave, and queued requests may
+  // still be admitted: wait for every slot to come back.
+  const settled = async (): Promise<void> => {
+    const deadline = performance.now() + 5000
+    while (app.concurrencyLimit.stats().inFlight + app.concurrencyLimit.stats().queued > 0 && performance.now() < deadline) await sleep(20)
   }
   const started = performance.now()
   while (app.concurrencyLimit.stats().adaptive?.baselineMs == null && performance.now() - started < 5000) await round('/work')
@@ -343,14 +407,17 @@ t.test('plugin: clients that leave work slower than the target bring the limit d
   // Streams the clients end after 300 ms: never answered in full, but not
   // work left unfinished either.
   for (let i = 0; i < 3; i++) await round('/hijack', 300)
-  await sleep(50)
+  await settled()
   t.equal(app.concurrencyLimit.stats().limit, limit, 'hijacked replies left the limit alone')
+  for (let i = 0; i < 3; i++) await round('/download', 300)
+  await settled()
+  t.equal(app.concurrencyLimit.stats().limit, limit, 'abandoned downloads left the limit alone')
 
   // The work gets slower than the clients wait: none of it is answered,
   // none is a sample, and each round of clients giving up takes a tenth off.
   slowMs = 400
   for (let i = 0; i < 4; i++) await round('/work', 100)
-  await sleep(400)
+  await settled()
   const after = app.concurrencyLimit.stats()
   t.equal(after.inFlight, 0)
   t.ok(after.limit < limit, `the limit came down: ${limit} -> ${after.limit}`)

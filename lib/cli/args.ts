@@ -130,7 +130,8 @@ async function read (flag: string, path: string): Promise<Buffer> {
 /**
  * `--max -5` as `--max=-5`: parseArgs takes a value that starts with a dash
  * for a flag and calls it ambiguous, where the number's own check says
- * what is wrong with it.
+ * what is wrong with it. Any flag that takes a value takes a negative
+ * number so (`--body -1` sends "-1").
  */
 function joinNegatives (argv: string[]): string[] {
   const args: string[] = []

@@ -90,6 +90,9 @@ export class GradientLimit implements Limit {
   #sum = 0
   #peak = 0
   #dropped = false
+  /** Requests whose client left, slower than the target (see `onClientLeft`), and their time. */
+  #left = 0
+  #leftSum = 0
   /** The limit to return to after a measure of the baseline; -1 when none is under way. */
   #resume = -1
 
@@ -103,47 +106,76 @@ export class GradientLimit implements Limit {
   }
 
   onSample (startMs: number, rttMs: number, inFlight: number, didDrop: boolean): void {
-    const now = startMs + rttMs
-    if (this.#windowStart < 0) this.#windowStart = startMs
-    if (inFlight > this.#peak) this.#peak = inFlight
     if (didDrop) {
       this.#dropped = true
     } else if (startMs >= this.#epoch) {
       this.#count++
       this.#sum += rttMs
     }
-    if (this.#count < WINDOW_SAMPLES && !this.#dropped) return
-    // A window with a drop is over sooner: the latency it would wait two
-    // of is the overload's, and clients give up on the work meanwhile.
-    const windowMs = Math.max(WINDOW_MIN_MS, 2 * this.#baseline, this.#dropped ? 0 : 2 * this.#recent)
-    if (now - this.#windowStart < windowMs) return
-    this.#close(now)
+    this.#closeIfOver(startMs, rttMs, inFlight)
   }
 
   /**
-   * A client that gave up on work already slower than the target saw the
-   * overload the limit is there to prevent: a drop. When every admitted
-   * request outlives its client (a downstream that got slower than the
-   * clients' timeout), no sample comes at all, and a limit that only heard
-   * samples would stay where it was, letting in work no one waits for.
-   * Sooner than the target, the client left for reasons of its own.
+   * A request whose client left before its answer. Its time to release is
+   * no sample: a handler that stops when its client leaves ends early. But
+   * it is a lower bound of the work's latency, and one above the target
+   * says the work is that slow at least. When the work gets slower than the
+   * clients wait, every admitted request outlives its client and no sample
+   * comes at all: a limit that heard only samples would stay where it was,
+   * letting in work no one waits for. A window in which such requests
+   * outnumber the samples cuts the limit as a window of samples that slow
+   * would (see `#close`). Below the target, or before there is one, the
+   * client left for reasons of its own.
    */
   onClientLeft (startMs: number, rttMs: number, inFlight: number): void {
-    if (this.#baseline < 0 || rttMs <= this.#baseline * (1 + this.#tolerance) + SLACK_MS) return
-    this.onSample(startMs, rttMs, inFlight, true)
+    if (this.#baseline >= 0 && startMs >= this.#epoch && rttMs > this.#target()) {
+      this.#left++
+      this.#leftSum += rttMs
+    }
+    this.#closeIfOver(startMs, rttMs, inFlight)
+  }
+
+  #target (): number {
+    return this.#baseline * (1 + this.#tolerance) + SLACK_MS
+  }
+
+  #closeIfOver (startMs: number, rttMs: number, inFlight: number): void {
+    const now = startMs + rttMs
+    if (this.#windowStart < 0) this.#windowStart = startMs
+    if (inFlight > this.#peak) this.#peak = inFlight
+    if (this.#count + this.#left < WINDOW_SAMPLES && !this.#dropped) return
+    const windowMs = Math.max(WINDOW_MIN_MS, 2 * this.#baseline, 2 * this.#recent)
+    if (now - this.#windowStart < windowMs) return
+    this.#close(now)
   }
 
   #close (now: number): void {
     const count = this.#count
     const mean = count === 0 ? -1 : this.#sum / count
+    const left = this.#left
+    const leftMean = left === 0 ? -1 : this.#leftSum / left
     const peak = this.#peak
     const dropped = this.#dropped
     this.#windowStart = now
     this.#count = 0
     this.#sum = 0
+    this.#left = 0
+    this.#leftSum = 0
     this.#peak = 0
     this.#dropped = false
     if (mean >= 0) this.#recent = mean
+
+    if (left > count) {
+      // Mostly clients gone on work slower than the target: by Little's
+      // law, as for samples, the knee is at most limit x target / latency,
+      // and their latency is at least leftMean. A measure of the baseline
+      // under way is given up: its windows would have no sample to end it,
+      // and the limit it would return to is too high.
+      this.#resume = -1
+      if (peak * 2 < this.limit) return
+      this.#set(this.#estimate * Math.max(MAX_DECREASE, this.#target() / leftMean), now)
+      return
+    }
 
     if (this.#resume >= 0) {
       if (mean < 0) return
@@ -167,7 +199,8 @@ export class GradientLimit implements Limit {
       this.#set(this.#estimate * DROP_DECREASE, now)
       return
     }
-    // Not dropped: the window closed on WINDOW_SAMPLES samples, so mean >= 0.
+    // Not dropped, and at least as many samples as clients gone: at least
+    // half of WINDOW_SAMPLES samples, so mean >= 0.
     if (this.#baseline < 0 || mean <= this.#baseline) {
       this.#baseline = mean
       this.#baselineAt = now
@@ -176,7 +209,7 @@ export class GradientLimit implements Limit {
     }
 
     const estimate = this.#estimate
-    const target = this.#baseline * (1 + this.#tolerance) + SLACK_MS
+    const target = this.#target()
     const gradient = Math.min(MAX_INCREASE, Math.max(MAX_DECREASE, target / mean))
     if (peak * 2 < this.limit) return
     if (gradient < 1) {
