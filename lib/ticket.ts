@@ -116,10 +116,11 @@ export class Ticket implements Waiter {
   state = RELEASED
   responseClosed = false
   /**
-   * When the request ended, its answer had begun (headers out) or the route
-   * had hijacked the reply: if its client left, it did not leave the work.
+   * When the request ended, its body had arrived in full, no header of its
+   * answer had gone out, and the route had not hijacked the reply: if its
+   * client left then, it left the work, not an upload or a download.
    */
-  answered = false
+  leftWork = false
   handlerPending = false
 
   readonly admission: Admission
@@ -268,7 +269,7 @@ export class Ticket implements Waiter {
   responseClose (): void {
     if (this.responseClosed) return
     this.responseClosed = true
-    this.answered = (this.reply.raw as ServerResponse).headersSent || this.reply.sent
+    this.leftWork = this.request.raw.complete && !(this.reply.raw as ServerResponse).headersSent && !this.reply.sent
     this.#untrack()
     if (this.state === WAITING_TURN) {
       this.state = RELEASED
@@ -288,7 +289,7 @@ export class Ticket implements Waiter {
     this.state = RELEASED
     const limiter = this.admission.limiter
     this.admission.reporter.released(this.request, limiter.name)
-    if (limiter.adaptive) limiter.release(this.admittedAt, outcomeOf(this.reply, this.answered))
+    if (limiter.adaptive) limiter.release(this.admittedAt, outcomeOf(this.reply, this.leftWork))
     else limiter.release()
   }
 
@@ -308,14 +309,14 @@ export class Ticket implements Waiter {
  * until its handler settles, but its time would make an overload that
  * drives clients away look fast (a handler that stops when its client
  * leaves ends early); the limit hears of it apart (`Limit.onClientLeft`).
- * A response already on its way when its client left (a download
- * abandoned) timed the client's bandwidth, and a reply the route hijacked
- * and never ended says nothing of the work: neither is anything.
+ * An upload or a response still on its way when its client left timed
+ * the client's bandwidth, and a reply the route hijacked and never ended
+ * says nothing of the work: neither is anything.
  */
-function outcomeOf (reply: FastifyReply, answered: boolean): Outcome {
+function outcomeOf (reply: FastifyReply, leftWork: boolean): Outcome {
   const res = reply.raw as ServerResponse
   if (res.writableFinished) return res.statusCode < 400 ? SUCCESS : IGNORE
-  return answered ? IGNORE : LEFT
+  return leftWork ? LEFT : IGNORE
 }
 
 function onSocketClose (this: TrackedSocket): void {

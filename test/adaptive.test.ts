@@ -60,12 +60,18 @@ t.test('gradient: clients gone on work slower than the target cut the limit when
   // The target: 40 x 1.25 + 1 = 51 ms. Within it, a client left for reasons of its own.
   for (let i = 0; i < 12; i++) limit.onClientLeft(3100 + i, 51, 50)
   t.equal(limit.limit, 50, 'within the target: nothing')
-  // Past it: a window of them cuts by target / their mean time, to a fifth at most.
-  for (let i = 0; i < 10; i++) limit.onClientLeft(3200 + 10 * i, 102, 50)
-  t.equal(limit.limit, 25, '51 / 102: halved')
+  // Past it, but with the samples more than a fifth of the window: a route
+  // where some requests are slow and their clients give up on them.
+  for (let i = 0; i < 7; i++) limit.onClientLeft(3200 + 10 * i, 102, 50)
+  for (let i = 0; i < 3; i++) limit.onSample(3270 + 10 * i, 40, 50, false)
+  t.equal(limit.limit, 63, 'seven gone and three samples: the samples decide (at the baseline, at the limit: growth)')
+  // Nearly all gone: target / their mean time, half at most.
+  for (let i = 0; i < 9; i++) limit.onClientLeft(3400 + 10 * i, 204, 63)
+  limit.onSample(3490, 40, 63, false)
+  t.equal(limit.limit, 31, '51 / 204 is a quarter: halved')
   t.same(limit.state(), { baselineMs: 40, recentMs: 40 }, 'and no latency sample')
-  for (let i = 0; i < 10; i++) limit.onClientLeft(3400 + 10 * i, 5000, 25)
-  t.equal(limit.limit, 5, 'a fifth at most per window')
+  for (let i = 0; i < 10; i++) limit.onClientLeft(3800 + 10 * i, 80, 31)
+  t.equal(limit.limit, 20, '51 / 80 of 31.5')
 })
 
 t.test('gradient: a few clients gone among the samples, or in a quiet pool, or admitted under an older limit, cut nothing', async (t) => {
@@ -94,11 +100,11 @@ t.test('gradient: a few clients gone among the samples, or in a quiet pool, or a
   // ms): one cut, not one per window.
   const older = withBaseline()
   for (let i = 0; i < 10; i++) older.onClientLeft(1000 + i, 500, 50)
-  t.equal(older.limit, 10, 'one cut: 51 / 500, to a fifth at most')
+  t.equal(older.limit, 25, 'one cut, by half at most')
   for (let i = 0; i < 40; i++) older.onClientLeft(1010 + 10 * i, 1000, 50)
-  t.equal(older.limit, 10, 'admitted before that cut: no second one')
-  for (let i = 0; i < 10; i++) older.onClientLeft(1600 + i, 102, 10)
-  t.equal(older.limit, 5, 'admitted after it: the next cut')
+  t.equal(older.limit, 25, 'admitted before that cut: no second one')
+  for (let i = 0; i < 10; i++) older.onClientLeft(1600 + i, 102, 25)
+  t.equal(older.limit, 12, 'admitted after it: the next cut')
 })
 
 t.test('gradient: clients gone during a measure of the baseline end it with a cut', async (t) => {
@@ -309,6 +315,16 @@ function get (port: number, path: string, abortAfter?: number): Promise<number> 
   })
 }
 
+/** A POST whose client sends part of its body, then leaves. */
+function upload (port: number, abortAfter: number): Promise<void> {
+  return new Promise((resolve) => {
+    const req = httpRequest({ port, path: '/upload', host: '127.0.0.1', agent: false, method: 'POST', headers: { 'content-type': 'text/plain', 'content-length': 10_000 } })
+    req.on('error', () => { resolve() })
+    req.write('x'.repeat(100))
+    setTimeout(() => { req.destroy(); resolve() }, abortAfter)
+  })
+}
+
 t.test('plugin: an adaptive pool moves its limit; groups and routes take adaptive too', async (t) => {
   const app = Fastify({ forceCloseConnections: true })
   t.teardown(() => app.close())
@@ -369,7 +385,7 @@ t.test('plugin: an error about a pool\'s adaptive settings names the pool', asyn
     { code: 'FST_CONCURRENCY_LIMIT_INVALID_OPTION', message: /group "small": adaptive\.minConcurrency must be <= maxConcurrency \(10\)/ })
 })
 
-t.test('plugin: clients that leave work slower than the target bring the limit down; a hijacked reply or an abandoned download says nothing', async (t) => {
+t.test('plugin: clients that leave work slower than the target bring the limit down; a hijacked reply or an abandoned download or upload says nothing', async (t) => {
   const app = Fastify({ forceCloseConnections: true })
   t.teardown(() => app.close())
   await app.register(concurrencyLimit, { adaptive: { initialConcurrency: 8, tolerance: 1 }, maxConcurrency: 50 })
@@ -380,6 +396,7 @@ t.test('plugin: clients that leave work slower than the target bring the limit d
     reply.raw.writeHead(200, { 'content-type': 'text/event-stream' })
     reply.raw.write('data: 1\n\n')
   })
+  app.post('/upload', async () => 'ok')
   // A download that takes a second: its client's bandwidth, not the work's latency.
   app.get('/download', async () => Readable.from((async function * () {
     for (let i = 0; i < 20; i++) {
@@ -390,7 +407,7 @@ t.test('plugin: clients that leave work slower than the target bring the limit d
   await app.listen({ port: 0, host: '127.0.0.1' })
   const port = (app.server.address() as { port: number }).port
   const round = async (path: string, abortAfter?: number): Promise<void> => {
-    await Promise.all(Array.from({ length: 8 }, () => get(port, path, abortAfter)))
+    await Promise.all(Array.from({ length: 8 }, () => path === '/upload' ? upload(port, abortAfter as number) : get(port, path, abortAfter)))
   }
   // Handlers run on after their clients leave, and queued requests may
   // still be admitted: wait for every slot to come back.
@@ -412,11 +429,16 @@ t.test('plugin: clients that leave work slower than the target bring the limit d
   for (let i = 0; i < 3; i++) await round('/download', 300)
   await settled()
   t.equal(app.concurrencyLimit.stats().limit, limit, 'abandoned downloads left the limit alone')
+  for (let i = 0; i < 3; i++) await round('/upload', 300)
+  await settled()
+  t.equal(app.concurrencyLimit.stats().limit, limit, 'abandoned uploads left the limit alone')
 
   // The work gets slower than the clients wait: none of it is answered,
   // none is a sample, and each round of clients giving up takes a tenth off.
-  slowMs = 400
-  for (let i = 0; i < 4; i++) await round('/work', 100)
+  // Far slower than the clients' 100 ms, so that they leave first even on
+  // a loaded machine, whose timers fire late.
+  slowMs = 1000
+  for (let i = 0; i < 3; i++) await round('/work', 100)
   await settled()
   const after = app.concurrencyLimit.stats()
   t.equal(after.inFlight, 0)

@@ -38,6 +38,18 @@ const REMEASURE_FRACTION = 0.9
 const STILL_FALLING = 0.9
 // A drop (the work said it is overloaded) cuts the limit by this factor.
 const DROP_DECREASE = 0.9
+// Requests left by their clients on work slower than the target cut the
+// limit only in a window where they are this many times the samples, and
+// by this factor at most. Only the slow ones count, so their mean is far
+// above the target: on a route where some requests are slow and their
+// clients give up on them (a report, an export), a window of ten events
+// holds more of them than samples now and then by chance, and a window
+// where they are merely the majority cut a pool at a sixth of its
+// capacity to its minimum in a simulation. Nearly all, they are what a
+// downstream slower than the clients wait leaves, and halving per window
+// still brings the limit down within seconds.
+const LEFT_OUTNUMBER = 4
+const LEFT_MAX_DECREASE = 0.5
 
 /**
  * A gradient limit: the limit is scaled, once per window, by the ratio of the
@@ -165,15 +177,16 @@ export class GradientLimit implements Limit {
     this.#dropped = false
     if (mean >= 0) this.#recent = mean
 
-    if (left > count) {
-      // Mostly clients gone on work slower than the target: by Little's
+    if (left > LEFT_OUTNUMBER * count) {
+      // Nearly all clients gone on work slower than the target: by Little's
       // law, as for samples, the knee is at most limit x target / latency,
       // and their latency is at least leftMean. A measure of the baseline
       // under way is given up: its windows would have no sample to end it,
       // and the limit it would return to is too high.
       this.#resume = -1
       if (peak * 2 < this.limit) return
-      this.#set(this.#estimate * Math.max(MAX_DECREASE, this.#target() / leftMean), now)
+      this.#cuts++
+      this.#set(this.#estimate * Math.max(LEFT_MAX_DECREASE, this.#target() / leftMean), now)
       return
     }
 
