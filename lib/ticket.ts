@@ -269,7 +269,7 @@ export class Ticket implements Waiter {
   responseClose (): void {
     if (this.responseClosed) return
     this.responseClosed = true
-    this.leftWork = this.request.raw.complete && !(this.reply.raw as ServerResponse).headersSent && !this.reply.sent
+    this.leftWork = bodyIn(this.request) && !(this.reply.raw as ServerResponse).headersSent && !this.reply.sent
     this.#untrack()
     if (this.state === WAITING_TURN) {
       this.state = RELEASED
@@ -315,8 +315,22 @@ export class Ticket implements Waiter {
  */
 function outcomeOf (reply: FastifyReply, leftWork: boolean): Outcome {
   const res = reply.raw as ServerResponse
-  if (res.writableFinished) return res.statusCode < 400 ? SUCCESS : IGNORE
+  // An HTTP/2 stream reset by its client reads as finished (its writable
+  // side is destroyed) but never ended.
+  if (res.writableEnded && res.writableFinished) return res.statusCode < 400 ? SUCCESS : IGNORE
   return leftWork ? LEFT : IGNORE
+}
+
+/**
+ * Whether a request's body had all arrived. HTTP/2 calls a stream its
+ * client reset `complete`, body or not: a request without a body is one
+ * whose headers ended the stream, and one with a body has it all once read
+ * to its end.
+ */
+function bodyIn (request: FastifyRequest): boolean {
+  const stream = streamOf(request)
+  if (stream === undefined) return request.raw.complete
+  return stream.endAfterHeaders || request.raw.readableEnded
 }
 
 function onSocketClose (this: TrackedSocket): void {

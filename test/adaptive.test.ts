@@ -3,6 +3,8 @@ import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 import Fastify from 'fastify'
 import { request as httpRequest } from 'node:http'
+import http2 from 'node:http2'
+import { once } from 'node:events'
 import { Readable } from 'node:stream'
 import concurrencyLimit from '../lib/index.js'
 import { DROP, IGNORE, Limiter, NORMAL, SUCCESS, type RejectReason, type Waiter } from '../lib/limiter.js'
@@ -444,6 +446,66 @@ t.test('plugin: clients that leave work slower than the target bring the limit d
   t.equal(after.inFlight, 0)
   t.ok(after.limit < limit, `the limit came down: ${limit} -> ${after.limit}`)
   t.equal(after.adaptive?.baselineMs, baseline, 'with no latency sample taken from them')
+})
+
+t.test('plugin, HTTP/2: a reset stream is no sample; only one reset on work left mid-handler can cut the limit', async (t) => {
+  const app = Fastify({ http2: true, forceCloseConnections: true })
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, { adaptive: { initialConcurrency: 8, tolerance: 1 }, maxConcurrency: 50 })
+  let slowMs = 10
+  app.get('/work', async () => { await sleep(slowMs); return 'ok' })
+  app.post('/upload', async () => 'ok')
+  app.get('/download', async () => Readable.from((async function * () {
+    for (let i = 0; i < 20; i++) {
+      await sleep(50)
+      yield 'x'.repeat(1024)
+    }
+  })()))
+  app.get('/hijack', (_request, reply) => {
+    reply.hijack()
+    reply.raw.writeHead(200, { 'content-type': 'text/event-stream' })
+    reply.raw.write('data: 1\n\n')
+  })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const session = http2.connect(`http://127.0.0.1:${(app.server.address() as { port: number }).port}`)
+  t.teardown(() => session.destroy())
+  // Eight streams at once; each reset after `resetAfter` ms, or read to its end.
+  const round = async (path: string, resetAfter?: number): Promise<void> => {
+    await Promise.all(Array.from({ length: 8 }, async () => {
+      const post = path === '/upload'
+      const stream = session.request({ ':path': path, ':method': post ? 'POST' : 'GET', ...(post ? { 'content-type': 'text/plain', 'content-length': '10000' } : {}) }, { endStream: !post })
+      stream.on('error', () => {})
+      if (post) stream.write('x'.repeat(100))
+      stream.resume()
+      if (resetAfter === undefined) {
+        await once(stream, 'close')
+        return
+      }
+      await sleep(resetAfter)
+      stream.close(http2.constants.NGHTTP2_CANCEL)
+    }))
+  }
+  const settled = async (): Promise<void> => {
+    const deadline = performance.now() + 5000
+    while (app.concurrencyLimit.stats().inFlight + app.concurrencyLimit.stats().queued > 0 && performance.now() < deadline) await sleep(20)
+  }
+  const started = performance.now()
+  while (app.concurrencyLimit.stats().adaptive?.baselineMs == null && performance.now() - started < 5000) await round('/work')
+  const baseline = app.concurrencyLimit.stats().adaptive?.baselineMs as number
+  t.ok(baseline >= 10, `a baseline: ${baseline} ms`)
+  const limit = app.concurrencyLimit.stats().limit
+  for (const path of ['/hijack', '/download', '/upload']) {
+    for (let i = 0; i < 3; i++) await round(path, 300)
+    await settled()
+    t.equal(app.concurrencyLimit.stats().limit, limit, `${path}: reset streams left the limit alone`)
+  }
+  t.equal(app.concurrencyLimit.stats().adaptive?.baselineMs, baseline, 'no sample came from them')
+  slowMs = 1000
+  for (let i = 0; i < 3; i++) await round('/work', 100)
+  await settled()
+  const after = app.concurrencyLimit.stats()
+  t.equal(after.inFlight, 0)
+  t.ok(after.limit < limit, `work reset mid-handler brought it down: ${limit} -> ${after.limit}`)
 })
 
 t.test('plugin: requests whose client left, and errors, are not fast successes', async (t) => {
