@@ -1,7 +1,7 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
-import Fastify from 'fastify'
+import Fastify, { type FastifyInstance } from 'fastify'
 import { request as httpRequest } from 'node:http'
 import http2 from 'node:http2'
 import { once } from 'node:events'
@@ -317,6 +317,24 @@ function get (port: number, path: string, abortAfter?: number): Promise<number> 
   })
 }
 
+/**
+ * Handlers run on after their clients leave, and queued requests may still
+ * be admitted: waits for every slot to come back (5 s at most).
+ */
+async function allSlotsBack (app: Pick<FastifyInstance, 'concurrencyLimit'>): Promise<void> {
+  const deadline = performance.now() + 5000
+  while (app.concurrencyLimit.stats().inFlight + app.concurrencyLimit.stats().queued > 0 && performance.now() < deadline) await sleep(20)
+}
+
+/** Runs rounds of fast requests until the pool has a baseline (5 s at most); returns it and the limit then. */
+async function baselineOf (t: Test, app: Pick<FastifyInstance, 'concurrencyLimit'>, round: () => Promise<void>): Promise<{ baseline: number, limit: number }> {
+  const started = performance.now()
+  while (app.concurrencyLimit.stats().adaptive?.baselineMs == null && performance.now() - started < 5000) await round()
+  const baseline = app.concurrencyLimit.stats().adaptive?.baselineMs as number
+  t.ok(baseline >= 10, `a baseline: ${baseline} ms`)
+  return { baseline, limit: app.concurrencyLimit.stats().limit }
+}
+
 /** A POST whose client sends part of its body, then leaves. */
 function upload (port: number, abortAfter: number): Promise<void> {
   return new Promise((resolve) => {
@@ -390,7 +408,7 @@ t.test('plugin: an error about a pool\'s adaptive settings names the pool', asyn
 t.test('plugin: clients that leave work slower than the target bring the limit down; a hijacked reply or an abandoned download or upload says nothing', async (t) => {
   const app = Fastify({ forceCloseConnections: true })
   t.teardown(() => app.close())
-  await app.register(concurrencyLimit, { adaptive: { initialConcurrency: 8, tolerance: 1 }, maxConcurrency: 50 })
+  await app.register(concurrencyLimit, { adaptive: { initialConcurrency: 8, tolerance: 1, baselineInterval: 60_000 }, maxConcurrency: 50 })
   let slowMs = 10
   app.get('/work', async () => { await sleep(slowMs); return 'ok' })
   app.get('/hijack', (_request, reply) => {
@@ -411,17 +429,8 @@ t.test('plugin: clients that leave work slower than the target bring the limit d
   const round = async (path: string, abortAfter?: number): Promise<void> => {
     await Promise.all(Array.from({ length: 8 }, () => path === '/upload' ? upload(port, abortAfter as number) : get(port, path, abortAfter)))
   }
-  // Handlers run on after their clients leave, and queued requests may
-  // still be admitted: wait for every slot to come back.
-  const settled = async (): Promise<void> => {
-    const deadline = performance.now() + 5000
-    while (app.concurrencyLimit.stats().inFlight + app.concurrencyLimit.stats().queued > 0 && performance.now() < deadline) await sleep(20)
-  }
-  const started = performance.now()
-  while (app.concurrencyLimit.stats().adaptive?.baselineMs == null && performance.now() - started < 5000) await round('/work')
-  const baseline = app.concurrencyLimit.stats().adaptive?.baselineMs as number
-  t.ok(baseline >= 10, `a baseline: ${baseline} ms`)
-  const limit = app.concurrencyLimit.stats().limit
+  const settled = async (): Promise<void> => { await allSlotsBack(app) }
+  const { baseline, limit } = await baselineOf(t, app, () => round('/work'))
 
   // Streams the clients end after 300 ms: never answered in full, but not
   // work left unfinished either.
@@ -451,7 +460,7 @@ t.test('plugin: clients that leave work slower than the target bring the limit d
 t.test('plugin, HTTP/2: a reset stream is no sample; only one reset on work left mid-handler can cut the limit', async (t) => {
   const app = Fastify({ http2: true, forceCloseConnections: true })
   t.teardown(() => app.close())
-  await app.register(concurrencyLimit, { adaptive: { initialConcurrency: 8, tolerance: 1 }, maxConcurrency: 50 })
+  await app.register(concurrencyLimit, { adaptive: { initialConcurrency: 8, tolerance: 1, baselineInterval: 60_000 }, maxConcurrency: 50 })
   let slowMs = 10
   app.get('/work', async () => { await sleep(slowMs); return 'ok' })
   app.post('/upload', async () => 'ok')
@@ -485,15 +494,8 @@ t.test('plugin, HTTP/2: a reset stream is no sample; only one reset on work left
       stream.close(http2.constants.NGHTTP2_CANCEL)
     }))
   }
-  const settled = async (): Promise<void> => {
-    const deadline = performance.now() + 5000
-    while (app.concurrencyLimit.stats().inFlight + app.concurrencyLimit.stats().queued > 0 && performance.now() < deadline) await sleep(20)
-  }
-  const started = performance.now()
-  while (app.concurrencyLimit.stats().adaptive?.baselineMs == null && performance.now() - started < 5000) await round('/work')
-  const baseline = app.concurrencyLimit.stats().adaptive?.baselineMs as number
-  t.ok(baseline >= 10, `a baseline: ${baseline} ms`)
-  const limit = app.concurrencyLimit.stats().limit
+  const settled = async (): Promise<void> => { await allSlotsBack(app) }
+  const { baseline, limit } = await baselineOf(t, app, () => round('/work'))
   for (const path of ['/hijack', '/download', '/upload']) {
     for (let i = 0; i < 3; i++) await round(path, 300)
     await settled()
