@@ -269,7 +269,8 @@ export class Ticket implements Waiter {
   responseClose (): void {
     if (this.responseClosed) return
     this.responseClosed = true
-    this.leftWork = bodyIn(this.request) && !(this.reply.raw as ServerResponse).headersSent && !this.reply.sent
+    // Only an adaptive limit reads it: a fixed pool's requests pay nothing.
+    if (this.admission.limiter.adaptive) this.leftWork = bodyIn(this.request) && !(this.reply.raw as ServerResponse).headersSent && !this.reply.sent
     this.#untrack()
     if (this.state === WAITING_TURN) {
       this.state = RELEASED

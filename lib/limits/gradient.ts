@@ -134,9 +134,10 @@ export class GradientLimit implements Limit {
    * says the work is that slow at least. When the work gets slower than the
    * clients wait, every admitted request outlives its client and no sample
    * comes at all: a limit that heard only samples would stay where it was,
-   * letting in work no one waits for. A window in which such requests
-   * outnumber the samples cuts the limit as a window of samples that slow
-   * would (see `#close`). Below the target, or before there is one, the
+   * letting in work no one waits for. A window in which such requests are
+   * more than LEFT_OUTNUMBER times the samples cuts the limit as a window
+   * of samples that slow would (see `#close`). Below the target, or before
+   * there is one, the
    * client left for reasons of its own.
    */
   onClientLeft (startMs: number, rttMs: number, inFlight: number): void {
