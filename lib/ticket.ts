@@ -59,12 +59,19 @@ export const UNFINISHED_STREAM_MS = 1000
  * class comment of `Ticket`). Its last write may still finish, and then the
  * 'close' comes: in that while the response is still going out, so the
  * ticket is ended only after `UNFINISHED_STREAM_MS` (a second time is a no-op).
+ * A stream still not destroyed then is destroyed: otherwise a handler that
+ * waits for its response to end (one that returns a streamed `reply`, whose
+ * `then` waits for the response's 'close') would hold its slot forever, and
+ * the stream and its session would never be freed.
  */
 export function streamEndListener (key: symbol): (this: Http2Stream) => void {
   return function onStreamEnd (this: Http2Stream): void {
     if (!this.closed || this.writableFinished) return
     const ticket = (this as unknown as Record<symbol, Ticket>)[key]
-    setTimeout(() => { ticket.responseClose() }, UNFINISHED_STREAM_MS).unref()
+    setTimeout(() => {
+      ticket.responseClose()
+      if (!this.destroyed) this.destroy()
+    }, UNFINISHED_STREAM_MS).unref()
   }
 }
 
@@ -100,10 +107,11 @@ type TrackedSocket = Socket & { [kOpenTickets]?: Set<Ticket> }
  *   which Node closes gracefully on its GOAWAY) while the response's last
  *   write was on its way never finishes that write, so Node 20 to 24 never
  *   destroy it, and its 'close' never comes (the stream and its session
- *   leak, with or without this plugin). Node marks such a stream `closed`
- *   and ends its readable side: its 'end' with `closed` set and its write
- *   unfinished ends the ticket too, a second later (`UNFINISHED_STREAM_MS`). A stream that ended while an earlier hook ran is seen by
- *   `destroyed` or `closed` (`Http2ServerResponse` has no `closed`).
+ *   leak). Node marks such a stream `closed` and ends its readable side:
+ *   its 'end' with `closed` set and its write unfinished ends the ticket
+ *   too, a second later (`UNFINISHED_STREAM_MS`), and destroys the stream.
+ *   A stream that ended while an earlier hook ran is seen by `destroyed` or
+ *   `closed` (`Http2ServerResponse` has no `closed`).
  */
 export class Ticket implements Waiter {
   prev: Waiter | null = null

@@ -1,4 +1,5 @@
 import t from 'tap'
+import { Readable } from 'node:stream'
 import Fastify from 'fastify'
 import { connect, type ClientHttp2Session, type ServerHttp2Session } from 'node:http2'
 import concurrencyLimit from '../lib/index.js'
@@ -63,7 +64,7 @@ t.test('HTTP/2: sessions the client destroys while their responses are on their 
   // Node closes the server session gracefully on the client's GOAWAY. A
   // stream that the peer closed while its response's last write was under
   // way never finishes that write: Node never destroys it and never emits
-  // its 'close' (with or without the plugin). The race is narrow: many
+  // its 'close' (without the plugin). The race is narrow: many
   // sessions, destroyed at random moments, meet it every time here.
   const app = Fastify({ http2: true, forceCloseConnections: true })
   // The sessions Node leaves behind would keep the server from closing.
@@ -103,4 +104,65 @@ t.test('HTTP/2: sessions the client destroys while their responses are on their 
   const session = connect(`http://127.0.0.1:${port}`)
   t.teardown(() => session.destroy())
   t.same(await request(session, '/work'), { status: 200, body: 'done' }, 'the pool serves again')
+})
+
+t.test('HTTP/2: streamed replies whose sessions the client destroys on their way give every slot back, and no stream is left', async (t) => {
+  // A handler that returns a streamed reply settles only when the response
+  // ends (`reply.then` waits for its 'close'). On a stream that the peer
+  // closed with its last write unfinished that never happens unless the
+  // stream is destroyed: the slot would be held for good.
+  const app = Fastify({ http2: true, forceCloseConnections: true })
+  t.teardown(() => app.close())
+  await app.register(concurrencyLimit, { maxConcurrency: 8, maxQueue: 8, queueTimeout: 200 })
+  const chunk = Buffer.alloc(64 * 1024, 97)
+  app.get('/stream', async (request, reply) => {
+    await sleep(Number((request.query as { delay: string }).delay))
+    let n = 0
+    return reply.send(new Readable({
+      read () { setTimeout(() => this.push(n++ < 5 ? chunk : null), 5) }
+    }))
+  })
+  app.get('/small', async (request) => { await sleep(Number((request.query as { delay?: string }).delay ?? 0)); return 'ok' })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  let open = 0
+  app.server.on('stream', (stream) => {
+    open++
+    stream.on('close', () => { open-- })
+  })
+  // Eight clients at once, so that the server reads a session's GOAWAY
+  // apart from the end of its connection.
+  await Promise.all(Array.from({ length: 8 }, async (_, worker) => {
+    for (let round = 0; round < 40; round++) {
+      const session = connect(`http://127.0.0.1:${port}`)
+      session.on('error', () => {})
+      // One to four streams, small answers and streamed ones; the session is
+      // destroyed a moment after the first answer, while others are on their way.
+      const delay = (round * 7 + worker) % 20
+      const paths = Array.from({ length: 1 + (round + worker) % 4 }, (_, i) => `${(round + worker + i) % 2 === 0 ? '/small' : '/stream'}?delay=${(delay * (i + 1)) % 20}`)
+      const ended = paths.map((path) => new Promise<void>((resolve) => {
+        const stream = session.request({ ':path': path })
+        stream.on('error', () => {})
+        stream.resume()
+        stream.on('response', () => { setTimeout(() => { session.destroy() }, (round + worker) % 10) })
+        stream.on('close', resolve)
+      }))
+      await Promise.race([Promise.all(ended), sleep(1000)])
+      session.destroy()
+    }
+  }))
+  await waitFor(() => app.concurrencyLimit.stats().inFlight === 0 && app.concurrencyLimit.stats().queued === 0, 5000, 'every slot back')
+  const stats = app.concurrencyLimit.stats()
+  t.equal(stats.admitted, stats.completed, 'every admission released once')
+  await waitFor(() => open === 0, 3000, 'every server stream closed')
+  t.equal(open, 0, 'no server stream is left open')
+  const session = connect(`http://127.0.0.1:${port}`)
+  t.teardown(() => session.destroy())
+  const answer = await new Promise<number>((resolve, reject) => {
+    const stream = session.request({ ':path': '/small' })
+    stream.on('response', (headers) => { resolve(Number(headers[':status'])) })
+    stream.on('error', reject)
+    stream.resume()
+  })
+  t.equal(answer, 200, 'the pool serves again')
 })
