@@ -47,19 +47,19 @@ export function closeListener (key: symbol): (this: object) => void {
 }
 
 /**
- * How long a stream that the peer closed with its last write unfinished may
- * still end on its own (its write finishes, Node destroys it, 'close' comes)
- * before its ticket is ended anyway.
+ * How long a stream that the peer closed with its last write unfinished is
+ * left to end on its own before its ticket is ended and the stream
+ * destroyed: a margin, as Node has closed the stream and sends nothing more
+ * on it (no such write was seen to finish in tests).
  */
 export const UNFINISHED_STREAM_MS = 1000
 
 /**
  * The registration's listener for an HTTP/2 stream's 'end': a stream that
  * the peer closed is over even when Node never emits its 'close' (see the
- * class comment of `Ticket`). Its last write may still finish, and then the
- * 'close' comes: in that while the response is still going out, so the
- * ticket is ended only after `UNFINISHED_STREAM_MS` (a second time is a no-op).
- * A stream still not destroyed then is destroyed: otherwise a handler that
+ * class comment of `Ticket`). Its ticket is ended after
+ * `UNFINISHED_STREAM_MS` (a second time is a no-op), and the stream, if
+ * still not destroyed, is destroyed: otherwise a handler that
  * waits for its response to end (one that returns a streamed `reply`, whose
  * `then` waits for the response's 'close') would hold its slot forever, and
  * the stream and its session would never be freed.

@@ -96,6 +96,7 @@ function simulate (options: SimOptions) {
   const downstreamQueue: Array<() => void> = []
   let downstreamHead = 0
   const refused = { queueFull: 0, queueTimeout: 0 }
+  let abandoned = 0
   const done: Done[] = []
   const points: Point[] = []
 
@@ -160,6 +161,7 @@ function simulate (options: SimOptions) {
           if (waiter.gone || queue.indexOf(waiter, queueHead) < 0) return
           waiter.gone = true
           queued--
+          abandoned++
         })
       }
     } else {
@@ -211,7 +213,7 @@ function simulate (options: SimOptions) {
       p99: latencies[Math.floor(latencies.length * 0.99)] ?? 0
     }
   }
-  return { limit, points, refused, done, window }
+  return { limit, points, refused, abandoned, done, window }
 }
 
 const capacity = (n: number, serviceMs = 50): number => n * 1000 / serviceMs
@@ -314,11 +316,28 @@ t.test('a route whose latency varies (20-80 ms) at a fifth of its capacity: the 
   // as samples and the slow ones as clients gone.
   for (const impatient of [false, true]) {
     const refusedPct: number[] = []
+    const abandonedPct: number[] = []
     for (const seed of [1, 2, 3]) {
       const sim = simulate({ phases: [{ untilMs: 30_000, rate: 150, n: 1000 }], jitter: 0.6, impatient, clientTimeout: impatient ? 100 : 1000, seed })
-      const arrived = sim.done.length + sim.refused.queueFull + sim.refused.queueTimeout
+      const arrived = sim.done.length + sim.refused.queueFull + sim.refused.queueTimeout + sim.abandoned
       refusedPct.push(100 * (sim.refused.queueFull + sim.refused.queueTimeout) / arrived)
+      abandonedPct.push(100 * sim.abandoned / arrived)
     }
-    t.ok(Math.max(...refusedPct) <= 5, `${impatient ? 'clients giving up at random' : 'patient clients'}: refused ${refusedPct.map((p) => p.toFixed(1)).join(', ')}%`)
+    const who = impatient ? 'clients giving up at random' : 'patient clients'
+    t.ok(Math.max(...refusedPct) <= 5, `${who}: refused ${refusedPct.map((p) => p.toFixed(1)).join(', ')}%`)
+    // A client that gave up while queued was kept waiting by the limit too.
+    const keptOut = refusedPct.map((p, i) => p + abandonedPct[i])
+    t.ok(Math.max(...keptOut) <= 8, `${who}: refused or gave up in the queue ${keptOut.map((p) => p.toFixed(1)).join(', ')}%`)
   }
+})
+
+t.test('a first window slowed by warm-up does not leave the baseline high', async (t) => {
+  // The first second's calls take 250 ms (JIT, connections, caches), then
+  // 50 ms, at 3x load. The first window's mean is the first baseline; the
+  // faster windows after it replace it until one confirms it.
+  const sim = simulate({ phases: [{ untilMs: 1000, rate: 1200, n: 20, serviceMs: 250 }, { untilMs: 12_000, rate: 1200, n: 20 }] })
+  const w = sim.window(3000, 12_000)
+  t.ok(w.maxLimit <= 40, `limit ${w.minLimit}..${w.maxLimit} (knee 20)`)
+  t.ok(w.p99 <= 250, `p99 ${w.p99} ms`)
+  t.ok(w.goodputPerS >= 0.9 * capacity(20), `goodput ${w.goodputPerS}/s`)
 })

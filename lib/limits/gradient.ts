@@ -36,15 +36,13 @@ const CONFIRM = 1.1
 // then halved for as long as the latency still falls by this factor.
 const REMEASURE_FRACTION = 0.9
 const STILL_FALLING = 0.9
-// A window faster than the baseline moves it down by this fraction of the
-// difference. The mean of a window of ten samples is noisy: on a route whose
-// latency varies (20-80 ms), taking the lowest window mean as the baseline
-// set it a third below the work's unqueued latency within seconds, and
-// every later window read as queueing and cut the limit (to 1 at times,
-// refusing 4-20% at a fifth of capacity in simulation). Clients that give up
-// on the slow requests leave the fast ones as samples, which made it worse
-// (58-65% refused). A lasting fall is followed within a few dozen windows,
-// and at once by a measure of the baseline.
+// A window faster than a confirmed baseline moves it down by this fraction
+// of the difference. The mean of a window of ten samples is noisy, and the
+// lowest of many such means sits well below the work's latency (a third
+// below on a route of 20-80 ms): taken as the baseline, it makes every later
+// window look queued. A baseline no window has confirmed yet (the first one,
+// often slow while the process warms up, or a fresh measure) is replaced by
+// a faster window outright.
 const BASELINE_DOWN = 0.1
 // A drop (the work said it is overloaded) cuts the limit by this factor.
 const DROP_DECREASE = 0.9
@@ -70,8 +68,8 @@ const LEFT_MAX_DECREASE = 0.5
  * `tolerance` (Little's law); below it, latency stays at the baseline and
  * the limit grows by up to 1 + tolerance per window.
  *
- * The baseline follows the lowest window means (a tenth of the way down per
- * faster window, see BASELINE_DOWN). It can only be trusted while
+ * The baseline follows the lowest window means (see BASELINE_DOWN). It can
+ * only be trusted while
  * windows keep confirming it; under sustained load none does (the limit holds
  * the work at the baseline plus `tolerance`), and a baseline taken from such
  * windows would ratchet the limit up with every measure. Instead, when it has
@@ -100,6 +98,8 @@ export class GradientLimit implements Limit {
 
   #estimate: number
   #baseline = -1
+  /** Whether a window has confirmed the baseline since it was last set outright. */
+  #confirmed = false
   #baselineAt = 0
   #recent = -1
 
@@ -226,13 +226,14 @@ export class GradientLimit implements Limit {
     }
     // Not dropped, and at least as many samples as clients gone: at least
     // half of WINDOW_SAMPLES samples, so mean >= 0.
-    if (this.#baseline < 0) {
+    if (this.#baseline < 0 || (!this.#confirmed && mean <= this.#baseline)) {
       this.#baseline = mean
       this.#baselineAt = now
     } else if (mean <= this.#baseline) {
       this.#baseline += (mean - this.#baseline) * BASELINE_DOWN
       this.#baselineAt = now
     } else if (mean <= this.#baseline * CONFIRM + SLACK_MS) {
+      this.#confirmed = true
       this.#baselineAt = now
     }
 
