@@ -24,7 +24,7 @@ import { registerMetrics } from './metrics.js'
 import { decideAfterTwoTurns, isFirstOfConnection, type Decide } from './first-request.js'
 import { DEFAULT_POOL, Pools } from './pools.js'
 import { Rejecter } from './rejection.js'
-import { closeListener, streamEndListener, Ticket, ticketOf, type Admission, type Done } from './ticket.js'
+import { closeListener, streamEndListener, streamFinishListener, Ticket, ticketOf, type Admission, type Done } from './ticket.js'
 
 export type { ConnectionStats } from './connection-guard.js'
 export { channels } from './diagnostics.js'
@@ -134,6 +134,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
   const key = Symbol('fastify-concurrency-limit.ticket')
   const onClose = closeListener(key)
   const onStreamEnd = streamEndListener(key)
+  const onStreamFinish = streamFinishListener(key)
   // Child contexts inherit it: a route sees the registration nearest to it.
   ;(fastify as unknown as Record<symbol, symbol>)[kNearest] = key
   const seen = new Set<string>()
@@ -153,7 +154,7 @@ const plugin: FastifyPluginAsync<ConcurrencyLimitOptions> = async (fastify, opts
     if (own) for (const warning of resolved.warnings) fastify.log.warn(warning)
     const limiter = pools.forRoute(routeName, route.url, config as object, resolved)
     const atOnce = Object.freeze(reporter.facts(limiter.name, 0))
-    const admission: Admission = { limiter, rejecter, key, reporter, onClose, onStreamEnd, atOnce }
+    const admission: Admission = { limiter, rejecter, key, reporter, onClose, onStreamEnd, onStreamFinish, atOnce }
     const stage: HookName = resolved.hook ?? options.hook
     const priority = levelOrPicker(resolved.priority ??
       (resolved.group === undefined ? undefined : options.groupPriorities.get(resolved.group)) ?? options.priority)

@@ -31,6 +31,8 @@ export interface Admission {
   readonly onClose: (this: object) => void
   /** The 'end' listener of its HTTP/2 streams (see `streamEndListener`). */
   readonly onStreamEnd: (this: Http2Stream) => void
+  /** The 'finish' listener of its HTTP/2 streams (see `streamFinishListener`). */
+  readonly onStreamFinish: (this: Http2Stream) => void
   /** `request.concurrencyLimit` of a request admitted at once: the same for all. */
   readonly atOnce: RequestConcurrencyLimit
 }
@@ -75,6 +77,28 @@ export function streamEndListener (key: symbol): (this: Http2Stream) => void {
   }
 }
 
+/**
+ * The registration's listener for an HTTP/2 stream's 'finish': its response
+ * has been sent in full. Node destroys the stream, and its 'close' ends the
+ * request, once the client's side has ended and been read; but a body that
+ * the handler read only in part is never drained (HTTP/1 dumps it), and
+ * then neither 'close' nor 'end' comes while the client keeps its session.
+ * So a stream still not destroyed `UNFINISHED_STREAM_MS` after its response
+ * was sent ends its ticket, and is destroyed if Node has closed it (it
+ * sends and receives nothing more on it): a handler that returned a
+ * streamed reply waits for the response's 'close', which Node emits only
+ * then.
+ */
+export function streamFinishListener (key: symbol): (this: Http2Stream) => void {
+  return function onStreamFinish (this: Http2Stream): void {
+    setTimeout(() => {
+      if (this.destroyed) return
+      ;(this as unknown as Record<symbol, Ticket>)[key].responseClose()
+      if (this.closed) this.destroy()
+    }, UNFINISHED_STREAM_MS).unref()
+  }
+}
+
 const kOpenTickets = Symbol('fastify-concurrency-limit.open-tickets')
 type TrackedSocket = Socket & { [kOpenTickets]?: Set<Ticket> }
 
@@ -110,6 +134,10 @@ type TrackedSocket = Socket & { [kOpenTickets]?: Set<Ticket> }
  *   leak). Node marks such a stream `closed` and ends its readable side:
  *   its 'end' with `closed` set and its write unfinished ends the ticket
  *   too, a second later (`UNFINISHED_STREAM_MS`), and destroys the stream.
+ *   Nor does Node destroy a stream until its readable side has been read
+ *   to its end, and a body the handler read only in part is never drained
+ *   (HTTP/1 dumps it): a stream still open a second after its response was
+ *   sent in full ends the ticket too (`streamFinishListener`).
  *   A stream that ended while an earlier hook ran is seen by `destroyed` or
  *   `closed` (`Http2ServerResponse` has no `closed`).
  */
@@ -165,6 +193,7 @@ export class Ticket implements Waiter {
       (stream as unknown as Record<symbol, unknown>)[key] = this
       // 'close' comes once: `on` spares the wrapper that `once` allocates.
       stream.on('close', onClose)
+      stream.on('finish', this.admission.onStreamFinish)
       stream.on('end', this.admission.onStreamEnd)
     } else {
       res.on('close', onClose)

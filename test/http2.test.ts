@@ -170,3 +170,76 @@ t.test('HTTP/2: streamed replies whose sessions the client destroys on their way
   })
   t.equal(answer, 200, 'the pool serves again')
 })
+
+t.test('HTTP/2: a handler that answers without reading the whole upload gives its slot back while the session stays open', async (t) => {
+  // Node destroys an HTTP/2 stream only once its readable side has been read
+  // to its end, and a handler that read part of the body is never drained
+  // for it (HTTP/1 dumps the rest): neither the stream's 'close' nor its
+  // 'end' comes while the client keeps its session. The response sent in
+  // full ends the request.
+  const app = Fastify({ http2: true, forceCloseConnections: true })
+  // Node keeps those streams, and their session, open until the client goes.
+  const sessions = new Set<ServerHttp2Session>()
+  app.server.on('session', (session: ServerHttp2Session) => { sessions.add(session) })
+  t.teardown(async () => {
+    for (const session of sessions) session.destroy()
+    await app.close()
+  })
+  await app.register(concurrencyLimit, { maxConcurrency: 3, maxQueue: 0 })
+  app.addContentTypeParser('application/octet-stream', (_request, payload, done) => { done(null, payload) })
+  app.post('/upload', async (request, reply) => {
+    const { mode } = request.query as { mode: string }
+    let n = 0
+    const body = request.body as AsyncIterable<Buffer> & NodeJS.ReadableStream
+    if (mode === 'pause') {
+      await new Promise<void>((resolve) => {
+        body.on('data', (chunk: Buffer) => {
+          n += chunk.length
+          if (n > 100_000) { body.pause(); resolve() }
+        })
+      })
+    } else {
+      for await (const chunk of body) {
+        n += chunk.length
+        if (n > (mode === 'first' ? 0 : 100_000)) break
+      }
+    }
+    // A streamed reply: the handler's promise waits for the response's 'close'.
+    if (mode === 'stream') return reply.send(Readable.from([JSON.stringify({ n })]))
+    return { n }
+  })
+  app.get('/fast', async () => 'ok')
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as { port: number }
+  const session = connect(`http://127.0.0.1:${port}`)
+  session.on('error', () => {})
+  t.teardown(() => session.destroy())
+  const upload = (mode: string): Promise<number> => new Promise((resolve, reject) => {
+    const stream = session.request({ ':path': `/upload?mode=${mode}`, ':method': 'POST', 'content-type': 'application/octet-stream' })
+    let status = 0
+    stream.on('response', (headers) => { status = Number(headers[':status']) })
+    stream.resume()
+    stream.on('end', () => resolve(status))
+    stream.on('error', reject)
+    stream.end(Buffer.alloc(180_000))
+  })
+  t.same(await Promise.all([upload('break'), upload('pause'), upload('stream')]), [200, 200, 200], 'all answered in full')
+  await waitFor(() => app.concurrencyLimit.stats().inFlight === 0, 3000, 'every slot back').catch(() => {})
+  const stats = app.concurrencyLimit.stats()
+  t.equal(stats.inFlight, 0, 'no slot held by an answered upload')
+  t.equal(stats.completed, stats.admitted)
+  t.same(await request(session, '/fast'), { status: 200, body: 'ok' }, 'the pool serves again on the same session')
+
+  // Answered before the upload ends, as over HTTP/1: the slot comes back
+  // while the client is still sending.
+  const admitted = app.concurrencyLimit.stats().admitted
+  const early = session.request({ ':path': '/upload?mode=first', ':method': 'POST', 'content-type': 'application/octet-stream' })
+  early.on('error', () => {})
+  early.resume()
+  early.write(Buffer.alloc(1000))
+  await waitFor(() => app.concurrencyLimit.stats().admitted === admitted + 1, 2000, 'the early answer admitted')
+  await waitFor(() => app.concurrencyLimit.stats().inFlight === 0, 3000, 'its slot back').catch(() => {})
+  t.equal(app.concurrencyLimit.stats().inFlight, 0, 'an answer sent in full ends the request while its upload goes on')
+  t.notOk(early.closed, 'the client was still sending')
+  early.end()
+})
