@@ -1,10 +1,11 @@
 import { STATUS_CODES } from 'node:http'
-import type { Http2ServerRequest } from 'node:http2'
+import type { Http2ServerRequest, Http2Stream } from 'node:http2'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { ClosingError, InvalidOptionError, OverloadedError, QueueFullError, QueueTimeoutError, StoreUnavailableError } from './errors.js'
 import type { Limiter, RejectReason } from './limiter.js'
 import { MAX_RETRY_AFTER, type Rejection, type ResolvedOptions } from './options.js'
 import { RejectDelay } from './reject-delay.js'
+import { UNFINISHED_STREAM_MS } from './ticket.js'
 
 function codeAndMessage (ErrorClass: new () => { code: string, message: string }): { code: string, message: string } {
   const { code, message } = new ErrorClass()
@@ -97,6 +98,7 @@ export class Rejecter {
     if (seconds > MAX_RETRY_AFTER) seconds = MAX_RETRY_AFTER
     seconds = Math.ceil(seconds)
     reply.code(statusCode).header('retry-after', seconds)
+    if (request.raw.httpVersionMajor === 2) (request.raw as unknown as Http2ServerRequest).stream.once('end', onRefusedStreamEnd)
     // A closing server should not see this connection again; with
     // closeOnReject, neither should a refused client, until it reconnects.
     if (reason === 'closing' || this.#options.closeOnReject) {
@@ -122,6 +124,18 @@ export class Rejecter {
     if (isThenable(payload)) payload.then((body) => { reply.send(body) }, (err: unknown) => { builderFailed(reply, err) })
     else reply.send(payload)
   }
+}
+
+/**
+ * A refused HTTP/2 stream that the client closed while its refusal was on
+ * its way never finishes that write, and Node never destroys it (see
+ * `Ticket`): under a storm of clients that destroy their sessions, refused
+ * streams and their sessions would pile up, and keep the server from
+ * closing. Destroyed as an admitted one is, a margin later.
+ */
+function onRefusedStreamEnd (this: Http2Stream): void {
+  if (!this.closed || this.writableFinished) return
+  setTimeout(() => { if (!this.destroyed) this.destroy() }, UNFINISHED_STREAM_MS).unref()
 }
 
 // Fastify's error handler keeps a status already set (the refusal's) for an

@@ -1,4 +1,7 @@
 import t, { type Test } from 'tap'
+import { fork } from 'node:child_process'
+import { once } from 'node:events'
+import { fileURLToPath } from 'node:url'
 import Fastify, { type FastifyInstance } from 'fastify'
 import { connect, type ClientHttp2Session, type Http2ServerRequest } from 'node:http2'
 import concurrencyLimit, { type ConcurrencyLimitOptions } from '../lib/index.js'
@@ -160,4 +163,33 @@ t.test('HTTP/2 with closeOnReject: a refusal whose stream is already gone closes
   t.match(await request(client, '/hold'), { status: 503 }, 'the session still works, and is refused as usual')
   gauge.open()
   t.equal(app.concurrencyLimit.stats().rejected.queueFull, 2)
+})
+
+t.test('HTTP/2: refusals whose sessions the client destroys at once leave no stream behind, and the server closes', async (t) => {
+  // A refused stream that the client closed while its 503 was on its way
+  // never finishes that write, and Node never destroys it: a storm of such
+  // clients would pile up streams and sessions, and app.close() would wait
+  // for them for ever.
+  const { app, gauge, held } = await saturated(t, { rejectDelay: 0 })
+  let open = 0
+  let unfinished = 0
+  app.server.on('stream', (stream) => {
+    open++
+    stream.on('close', () => { open-- })
+    stream.on('end', () => { if (stream.closed && !stream.writableFinished) unfinished++ })
+  })
+  const { port } = app.server.address() as { port: number }
+  const client = fork(fileURLToPath(new URL('./fixtures/h2-refused-client.ts', import.meta.url)), [`http://127.0.0.1:${port}`, '150'], { execArgv: process.execArgv, stdio: ['ignore', 'pipe', 'inherit', 'ipc'] })
+  let out = ''
+  client.stdout?.on('data', (chunk: Buffer) => { out += chunk.toString() })
+  await once(client, 'exit')
+  t.comment(`client saw ${out}`)
+  t.ok(app.concurrencyLimit.stats().rejected.queueFull > 0, 'refusals were sent')
+  t.ok(unfinished > 0, `some refused streams were left closed with their write unfinished (${unfinished})`)
+  await waitFor(() => open === 0, 4000, 'every refused stream closed').catch(() => {})
+  t.equal(open, 0, 'no refused stream left open')
+  gauge.open()
+  t.equal((await held).status, 200)
+  const closed = await Promise.race([app.close().then(() => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 3000))])
+  t.ok(closed, 'the server closes')
 })
