@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url'
 import Fastify, { type FastifyInstance } from 'fastify'
 import { connect, type ClientHttp2Session, type Http2ServerRequest } from 'node:http2'
 import concurrencyLimit, { type ConcurrencyLimitOptions } from '../lib/index.js'
-import { Gauge, waitFor } from './helpers/server.js'
+import { Gauge, waitFor, watchStreams } from './helpers/server.js'
 
 interface Answer { status: number, body: string, ms: number }
 
@@ -171,13 +171,7 @@ t.test('HTTP/2: refusals whose sessions the client destroys at once leave no str
   // clients would pile up streams and sessions, and app.close() would wait
   // for them for ever.
   const { app, gauge, held } = await saturated(t, { rejectDelay: 0 })
-  let open = 0
-  let unfinished = 0
-  app.server.on('stream', (stream) => {
-    open++
-    stream.on('close', () => { open-- })
-    stream.on('end', () => { if (stream.closed && !stream.writableFinished) unfinished++ })
-  })
+  const streams = watchStreams(app.server)
   const { port } = app.server.address() as { port: number }
   const client = fork(fileURLToPath(new URL('./fixtures/h2-refused-client.ts', import.meta.url)), [`http://127.0.0.1:${port}`, '150'], { execArgv: process.execArgv, stdio: ['ignore', 'pipe', 'inherit', 'ipc'] })
   let out = ''
@@ -185,9 +179,9 @@ t.test('HTTP/2: refusals whose sessions the client destroys at once leave no str
   await once(client, 'exit')
   t.comment(`client saw ${out}`)
   t.ok(app.concurrencyLimit.stats().rejected.queueFull > 0, 'refusals were sent')
-  t.ok(unfinished > 0, `some refused streams were left closed with their write unfinished (${unfinished})`)
-  await waitFor(() => open === 0, 4000, 'every refused stream closed').catch(() => {})
-  t.equal(open, 0, 'no refused stream left open')
+  t.ok(streams.unfinished() > 0, `some refused streams were left closed with their write unfinished (${streams.unfinished()})`)
+  await waitFor(() => streams.open() === 0, 4000, 'every refused stream closed').catch(() => {})
+  t.equal(streams.open(), 0, 'no refused stream left open')
   gauge.open()
   t.equal((await held).status, 200)
   const closed = await Promise.race([app.close().then(() => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 3000))])

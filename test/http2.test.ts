@@ -1,9 +1,9 @@
 import t from 'tap'
 import { Readable } from 'node:stream'
 import Fastify from 'fastify'
-import { connect, type ClientHttp2Session, type ServerHttp2Session } from 'node:http2'
+import { connect, type ClientHttp2Session } from 'node:http2'
 import concurrencyLimit from '../lib/index.js'
-import { Gauge, waitFor, sleep } from './helpers/server.js'
+import { Gauge, http2App, waitFor, sleep, watchStreams } from './helpers/server.js'
 
 interface Answer { status: number, body: string }
 
@@ -66,14 +66,8 @@ t.test('HTTP/2: sessions the client destroys while their responses are on their 
   // way never finishes that write: Node never destroys it and never emits
   // its 'close' (without the plugin). The race is narrow: many
   // sessions, destroyed at random moments, meet it every time here.
-  const app = Fastify({ http2: true, forceCloseConnections: true })
   // The sessions Node leaves behind would keep the server from closing.
-  const sessions = new Set<ServerHttp2Session>()
-  app.server.on('session', (session: ServerHttp2Session) => { sessions.add(session) })
-  t.teardown(async () => {
-    for (const session of sessions) session.destroy()
-    await app.close()
-  })
+  const app = http2App(t)
   await app.register(concurrencyLimit, { maxConcurrency: 3, maxQueue: 3, queueTimeout: 200 })
   app.get('/fail', () => { throw new Error('failed on purpose') })
   app.get('/work', async () => 'done')
@@ -125,14 +119,8 @@ t.test('HTTP/2: streamed replies whose sessions the client destroys on their way
   app.get('/small', async (request) => { await sleep(Number((request.query as { delay?: string }).delay ?? 0)); return 'ok' })
   await app.listen({ host: '127.0.0.1', port: 0 })
   const { port } = app.server.address() as { port: number }
-  let open = 0
   // Streams that Node left closed with their last write unfinished: the case at hand.
-  let unfinished = 0
-  app.server.on('stream', (stream) => {
-    open++
-    stream.on('close', () => { open-- })
-    stream.on('end', () => { if (stream.closed && !stream.writableFinished) unfinished++ })
-  })
+  const streams = watchStreams(app.server)
   // Eight clients at once, so that the server reads a session's GOAWAY
   // apart from the end of its connection.
   await Promise.all(Array.from({ length: 8 }, async (_, worker) => {
@@ -154,12 +142,12 @@ t.test('HTTP/2: streamed replies whose sessions the client destroys on their way
       session.destroy()
     }
   }))
-  t.ok(unfinished > 0, `some streams were left closed with their last write unfinished (${unfinished})`)
+  t.ok(streams.unfinished() > 0, `some streams were left closed with their last write unfinished (${streams.unfinished()})`)
   await waitFor(() => app.concurrencyLimit.stats().inFlight === 0 && app.concurrencyLimit.stats().queued === 0, 5000, 'every slot back')
   const stats = app.concurrencyLimit.stats()
   t.equal(stats.admitted, stats.completed, 'every admission released once')
-  await waitFor(() => open === 0, 3000, 'every server stream closed')
-  t.equal(open, 0, 'no server stream is left open')
+  await waitFor(() => streams.open() === 0, 3000, 'every server stream closed')
+  t.equal(streams.open(), 0, 'no server stream is left open')
   const session = connect(`http://127.0.0.1:${port}`)
   t.teardown(() => session.destroy())
   const answer = await new Promise<number>((resolve, reject) => {
@@ -177,14 +165,8 @@ t.test('HTTP/2: a handler that answers without reading the whole upload gives it
   // for it (HTTP/1 dumps the rest): neither the stream's 'close' nor its
   // 'end' comes while the client keeps its session. The response sent in
   // full ends the request.
-  const app = Fastify({ http2: true, forceCloseConnections: true })
   // Node keeps those streams, and their session, open until the client goes.
-  const sessions = new Set<ServerHttp2Session>()
-  app.server.on('session', (session: ServerHttp2Session) => { sessions.add(session) })
-  t.teardown(async () => {
-    for (const session of sessions) session.destroy()
-    await app.close()
-  })
+  const app = http2App(t)
   await app.register(concurrencyLimit, { maxConcurrency: 3, maxQueue: 0 })
   app.addContentTypeParser('application/octet-stream', (_request, payload, done) => { done(null, payload) })
   app.post('/upload', async (request, reply) => {

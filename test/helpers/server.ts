@@ -2,6 +2,7 @@ import type { Test } from 'tap'
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import { Agent, Pool, request as undiciRequest, type Dispatcher } from 'undici'
 import { setTimeout as sleep } from 'node:timers/promises'
+import type { Http2Stream, ServerHttp2Session } from 'node:http2'
 import concurrencyLimit, { type ConcurrencyLimitOptions } from '../../lib/index.js'
 
 export { sleep }
@@ -109,4 +110,31 @@ export class Gauge {
   close (): void {
     this.#open = false
   }
+}
+
+/**
+ * The HTTP/2 streams of a server still open, and those that Node left
+ * closed with their last write unfinished (whose 'close' it never emits).
+ */
+export function watchStreams (server: { on: (event: 'stream', listener: (stream: Http2Stream) => void) => unknown }): { open: () => number, unfinished: () => number } {
+  let open = 0
+  let unfinished = 0
+  server.on('stream', (stream) => {
+    open++
+    stream.on('close', () => { open-- })
+    stream.on('end', () => { if (stream.closed && !stream.writableFinished) unfinished++ })
+  })
+  return { open: () => open, unfinished: () => unfinished }
+}
+
+/** An HTTP/2 Fastify whose sessions are destroyed before it closes: Node leaves some open. */
+export function http2App (t: Test): FastifyInstance {
+  const app = Fastify({ http2: true, forceCloseConnections: true }) as unknown as FastifyInstance
+  const sessions = new Set<ServerHttp2Session>()
+  app.server.on('session', (session: ServerHttp2Session) => { sessions.add(session) })
+  t.teardown(async () => {
+    for (const session of sessions) session.destroy()
+    await app.close()
+  })
+  return app
 }
