@@ -335,6 +335,21 @@ async function baselineOf (t: Test, app: Pick<FastifyInstance, 'concurrencyLimit
   return { baseline, limit: app.concurrencyLimit.stats().limit }
 }
 
+/**
+ * Batches of three rounds of clients leaving slow work, until the limit is
+ * below `limit` or four batches have run. A window still open from the
+ * baseline's rounds holds fast samples: closed by the first requests left,
+ * it may raise the limit, and then only requests admitted after that change
+ * count. Each batch can move the limit once (its requests are admitted
+ * before any of them ends).
+ */
+async function leaveSlowWork (app: Pick<FastifyInstance, 'concurrencyLimit'>, limit: number, round: () => Promise<void>): Promise<void> {
+  for (let batch = 0; batch < 4 && app.concurrencyLimit.stats().limit >= limit; batch++) {
+    for (let i = 0; i < 3; i++) await round()
+    await allSlotsBack(app)
+  }
+}
+
 /** A POST whose client sends part of its body, then leaves. */
 function upload (port: number, abortAfter: number): Promise<void> {
   return new Promise((resolve) => {
@@ -449,15 +464,7 @@ t.test('plugin: clients that leave work slower than the target bring the limit d
   // Far slower than the clients' 100 ms, so that they leave first even on
   // a loaded machine, whose timers fire late.
   slowMs = 1000
-  // A window still open from the baseline's rounds holds fast samples: closed
-  // by the first requests left, it may raise the limit, and then only
-  // requests admitted after that change count. Each batch of rounds can move
-  // the limit once (the requests of a batch are admitted before any of them
-  // ends): at most four.
-  for (let batch = 0; batch < 4 && app.concurrencyLimit.stats().limit >= limit; batch++) {
-    for (let i = 0; i < 3; i++) await round('/work', 100)
-    await settled()
-  }
+  await leaveSlowWork(app, limit, () => round('/work', 100))
   const after = app.concurrencyLimit.stats()
   t.equal(after.inFlight, 0)
   t.ok(after.limit < limit, `the limit came down: ${limit} -> ${after.limit}`)
@@ -510,15 +517,7 @@ t.test('plugin, HTTP/2: a reset stream is no sample; only one reset on work left
   }
   t.equal(app.concurrencyLimit.stats().adaptive?.baselineMs, baseline, 'no sample came from them')
   slowMs = 1000
-  // A window still open from the baseline's rounds holds fast samples: closed
-  // by the first requests left, it may raise the limit, and then only
-  // requests admitted after that change count. Each batch of rounds can move
-  // the limit once (the requests of a batch are admitted before any of them
-  // ends): at most four.
-  for (let batch = 0; batch < 4 && app.concurrencyLimit.stats().limit >= limit; batch++) {
-    for (let i = 0; i < 3; i++) await round('/work', 100)
-    await settled()
-  }
+  await leaveSlowWork(app, limit, () => round('/work', 100))
   const after = app.concurrencyLimit.stats()
   t.equal(after.inFlight, 0)
   t.ok(after.limit < limit, `work reset mid-handler brought it down: ${limit} -> ${after.limit}`)
